@@ -1,0 +1,4 @@
+//! The device side: consumes a device queue, runs commands, reports back.
+
+pub mod handlers;
+pub mod journal;

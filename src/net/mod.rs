@@ -1,0 +1,3 @@
+//! Network policy for outgoing requests to caller-chosen URLs.
+
+pub mod address;

@@ -1,0 +1,5 @@
+//! Postbacks: signed webhook deliveries to a command's `PostBackUri`.
+
+pub mod client;
+pub mod schedule;
+pub mod signature;
