@@ -2,6 +2,14 @@
 //! how they ended, behind a Microsoft Graph style HTTP API.
 
 pub mod agent;
+pub mod api;
+pub mod broker;
+pub mod cli;
+pub mod command;
+pub mod contract;
 pub mod domain;
 pub mod net;
 pub mod postback;
+pub mod run;
+pub mod server;
+pub mod store;

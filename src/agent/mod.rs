@@ -2,3 +2,4 @@
 
 pub mod handlers;
 pub mod journal;
+pub mod runner;

@@ -70,7 +70,13 @@ mod tests {
 
     #[test]
     fn rejects_separators_and_controls() {
-        for (input, bad) in [("a/b", '/'), ("a%2Fb", '%'), ("a\0b", '\0'), ("a b", ' '), ("é", 'é')] {
+        for (input, bad) in [
+            ("a/b", '/'),
+            ("a%2Fb", '%'),
+            ("a\0b", '\0'),
+            ("a b", ' '),
+            ("é", 'é'),
+        ] {
             assert_eq!(
                 DeviceId::parse(input),
                 Err(InvalidDeviceId::InvalidCharacter(bad)),

@@ -1,0 +1,140 @@
+//! The HTTP API in the shape of Microsoft Graph's device command API.
+
+pub mod auth;
+mod body;
+mod commands;
+pub mod error;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request, StatusCode};
+use axum::middleware;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::sync::Notify;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use self::auth::JwtKeys;
+use self::error::ApiError;
+use crate::broker::Broker;
+use crate::net::address::AllowedNetworks;
+use crate::store::Store;
+
+/// Everything a request handler needs, cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub broker: Broker,
+    pub keys: JwtKeys,
+    pub allowed_networks: AllowedNetworks,
+    /// Applied when a create names no `ExpirationDateTime`; `None` means
+    /// commands without one never expire.
+    pub default_ttl: Option<Duration>,
+    /// Woken after each create so the relay publishes at once.
+    pub relay_wake: Arc<Notify>,
+    /// Woken after an operator re-sends a postback.
+    pub postback_wake: Arc<Notify>,
+}
+
+/// Largest accepted request body in bytes. RabbitMQ 3.10 accepts messages of
+/// up to 128 MiB by default, so every accepted body fits in one message.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+
+pub fn router(state: AppState) -> Router {
+    let authenticated = Router::new()
+        .route("/commands", post(commands::create_any))
+        .route(
+            "/devices/{device_id}/commands",
+            post(commands::create_for_device),
+        )
+        .route(
+            "/me/devices/{device_id}/commands",
+            post(commands::create_for_my_device),
+        )
+        .merge(commands::read_routes(
+            "/commands/{id}",
+            commands::Route::Any,
+        ))
+        .merge(commands::read_routes(
+            "/devices/{device_id}/commands/{id}",
+            commands::Route::Device,
+        ))
+        .merge(commands::read_routes(
+            "/me/devices/{device_id}/commands/{id}",
+            commands::Route::Me,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/ready", get(ready))
+        .merge(authenticated)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+            let request_id = request
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+        }))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: the database and the broker both answer now.
+async fn ready(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let database = state.store.ping().await.map_err(|error| error.to_string());
+    let broker = state
+        .broker
+        .check_ready()
+        .await
+        .map_err(|error| error.to_string());
+    let status = if database.is_ok() && broker.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let describe = |result: &Result<(), String>| match result {
+        Ok(()) => json!({ "status": "ok" }),
+        Err(error) => json!({ "status": "unavailable", "error": error }),
+    };
+    (
+        status,
+        Json(json!({
+            "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
+            "database": describe(&database),
+            "broker": describe(&broker),
+        })),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see docs/api.md for the routes this service serves")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "methodNotAllowed",
+        "this route does not support the request's method",
+    )
+}

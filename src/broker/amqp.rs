@@ -1,0 +1,493 @@
+//! RabbitMQ through lapin.
+//!
+//! One connection per [`AmqpBroker`], opened on first use and opened again
+//! after it fails, so callers never hold a dead handle. Publishing uses one
+//! channel in confirm mode; each consumer gets a channel of its own, so a
+//! channel the broker closes costs that one consumer or operation only.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::Mutex;
+
+use super::{
+    Acker, BrokerError, Delivery, Destination, MessageProperties, OutgoingMessage, Topology,
+};
+use crate::domain::DeviceId;
+
+/// Heartbeat used when the AMQP URL sets none, in seconds. RabbitMQ's own
+/// default of 60 s would leave a dead link unnoticed for up to two minutes.
+const DEFAULT_HEARTBEAT_SECONDS: u16 = 10;
+
+/// AMQP delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    uri: Result<AMQPUri, String>,
+    topology: Topology,
+    connection_name: String,
+    live: Mutex<Option<Live>>,
+}
+
+/// An open connection with the state that dies with it.
+struct Live {
+    connection: Connection,
+    publisher: Channel,
+    /// Device queues declared on this connection, so each is declared once
+    /// per connection rather than once per message.
+    declared_devices: HashSet<DeviceId>,
+    reports_declared: bool,
+}
+
+impl fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URI may carry a password, so it is never printed.
+        f.debug_struct("AmqpBroker")
+            .field("connection_name", &self.inner.connection_name)
+            .field("topology", &self.inner.topology)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpBroker {
+    pub fn new(url: &str, topology: Topology, connection_name: &str) -> Self {
+        let uri = url
+            .parse::<AMQPUri>()
+            .map(|mut uri| {
+                if uri.query.heartbeat.is_none() {
+                    uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECONDS);
+                }
+                uri
+            })
+            .map_err(|error| format!("invalid AMQP URL: {error}"));
+        Self {
+            inner: Arc::new(Inner {
+                uri,
+                topology,
+                connection_name: connection_name.to_owned(),
+                live: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    pub async fn check_ready(&self) -> Result<(), BrokerError> {
+        let mut live = self.inner.live.lock().await;
+        self.ensure_live(&mut live).await.map(|_| ())
+    }
+
+    pub async fn declare_device(&self, device: &DeviceId) -> Result<(), BrokerError> {
+        let mut guard = self.inner.live.lock().await;
+        let live = self.ensure_live(&mut guard).await?;
+        let result = self.declare_device_on(live, device).await;
+        self.forget_if_broken(&mut guard, result).await
+    }
+
+    pub async fn declare_reports(&self) -> Result<(), BrokerError> {
+        let mut guard = self.inner.live.lock().await;
+        let live = self.ensure_live(&mut guard).await?;
+        let result = self.declare_reports_on(live).await;
+        self.forget_if_broken(&mut guard, result).await
+    }
+
+    pub async fn publish(&self, message: &OutgoingMessage) -> Result<(), BrokerError> {
+        match self.publish_once(message).await {
+            // A device queue deleted behind our back: declare it again and
+            // retry once, because the declaration cache was stale.
+            Err(BrokerError::Unroutable(Destination::Device(device))) => {
+                {
+                    let mut guard = self.inner.live.lock().await;
+                    if let Some(live) = guard.as_mut() {
+                        live.declared_devices.remove(&device);
+                    }
+                }
+                self.publish_once(message).await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_once(&self, message: &OutgoingMessage) -> Result<(), BrokerError> {
+        let (exchange, routing_key) = match &message.destination {
+            Destination::Device(device) => (
+                self.inner.topology.commands_exchange(),
+                device.as_str().to_owned(),
+            ),
+            Destination::Queue(queue) => (String::new(), queue.clone()),
+        };
+
+        // The lock covers handing the frames to the connection, which keeps
+        // messages in call order, but not the wait for the confirm, so
+        // concurrent publishers share the round trip.
+        let confirm = {
+            let mut guard = self.inner.live.lock().await;
+            let live = self.ensure_live(&mut guard).await?;
+            let declared = match &message.destination {
+                Destination::Device(device) => self.declare_device_on(live, device).await,
+                Destination::Queue(_) => Ok(()),
+            };
+            let published = match declared {
+                Ok(()) => live
+                    .publisher
+                    .basic_publish(
+                        ShortString::from(exchange),
+                        ShortString::from(routing_key),
+                        // Mandatory: a message no queue takes comes back
+                        // instead of vanishing.
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &message.body,
+                        to_basic_properties(&message.properties),
+                    )
+                    .await
+                    .map_err(|error| classify(live, &error)),
+                Err(error) => Err(error),
+            };
+            self.forget_if_broken(&mut guard, published).await?
+        };
+
+        let confirmation = confirm.await.map_err(|error| {
+            BrokerError::Unavailable(format!("no publisher confirm received: {error}"))
+        })?;
+        match confirmation {
+            // With mandatory set an unroutable message is returned and still
+            // acked, so the returned message decides.
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
+                Err(BrokerError::Unroutable(message.destination.clone()))
+            }
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Nack(None) => Err(BrokerError::Rejected(format!(
+                "broker answered the publish to {} with a negative confirm",
+                message.destination
+            ))),
+            Confirmation::NotRequested => Err(BrokerError::Rejected(
+                "publisher confirms are not enabled on the publishing channel".into(),
+            )),
+        }
+    }
+
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<AmqpConsumer, BrokerError> {
+        let mut guard = self.inner.live.lock().await;
+        let live = self.ensure_live(&mut guard).await?;
+        let result = open_consumer(live, &self.inner.topology, queue, prefetch).await;
+        self.forget_if_broken(&mut guard, result).await
+    }
+
+    pub async fn close(&self) {
+        if let Some(live) = self.inner.live.lock().await.take() {
+            let _ = live
+                .connection
+                .close(200, ShortString::from("dispatcher stopping"))
+                .await;
+        }
+    }
+
+    /// Returns the open connection, opening one when there is none or the
+    /// last one died.
+    async fn ensure_live<'a>(
+        &self,
+        guard: &'a mut Option<Live>,
+    ) -> Result<&'a mut Live, BrokerError> {
+        let usable = guard
+            .as_ref()
+            .is_some_and(|live| live.connection.status().connected());
+        if !usable {
+            *guard = None;
+            *guard = Some(self.connect().await?);
+        } else if let Some(live) = guard.as_mut()
+            && !live.publisher.status().connected()
+        {
+            // The broker closed only the publishing channel (for example over
+            // a message above its size limit): replace the channel, keep the
+            // connection.
+            live.publisher = open_confirm_channel(&live.connection).await?;
+        }
+        Ok(guard.as_mut().expect("connection was opened above"))
+    }
+
+    async fn connect(&self) -> Result<Live, BrokerError> {
+        let uri = self.inner.uri.clone().map_err(BrokerError::Unavailable)?;
+        let properties = ConnectionProperties::default()
+            .with_connection_name(self.inner.connection_name.clone().into());
+        let connection = Connection::connect_uri(uri, properties)
+            .await
+            .map_err(|error| BrokerError::Unavailable(format!("cannot connect: {error}")))?;
+        let publisher = open_confirm_channel(&connection).await?;
+        let exchange = self.inner.topology.commands_exchange();
+        publisher
+            .exchange_declare(
+                ShortString::from(exchange.as_str()),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|error| {
+                BrokerError::Rejected(format!("cannot declare exchange {exchange}: {error}"))
+            })?;
+        tracing::info!(
+            connection = %self.inner.connection_name,
+            "connected to RabbitMQ"
+        );
+        Ok(Live {
+            connection,
+            publisher,
+            declared_devices: HashSet::new(),
+            reports_declared: false,
+        })
+    }
+
+    async fn declare_device_on(
+        &self,
+        live: &mut Live,
+        device: &DeviceId,
+    ) -> Result<(), BrokerError> {
+        if live.declared_devices.contains(device) {
+            return Ok(());
+        }
+        let topology = &self.inner.topology;
+        let queue = topology.device_queue(device);
+        declare_queue(&live.publisher, &queue, topology.device_queue_arguments())
+            .await
+            .map_err(|error| classify(live, &error))?;
+        live.publisher
+            .queue_bind(
+                ShortString::from(queue.as_str()),
+                ShortString::from(topology.commands_exchange()),
+                ShortString::from(device.as_str()),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|error| classify(live, &error))?;
+        live.declared_devices.insert(device.clone());
+        Ok(())
+    }
+
+    async fn declare_reports_on(&self, live: &mut Live) -> Result<(), BrokerError> {
+        if live.reports_declared {
+            return Ok(());
+        }
+        let topology = &self.inner.topology;
+        declare_queue(
+            &live.publisher,
+            &topology.reports_queue(),
+            topology.reports_queue_arguments(),
+        )
+        .await
+        .map_err(|error| classify(live, &error))?;
+        live.reports_declared = true;
+        Ok(())
+    }
+
+    /// Drops the connection after a connection-level failure so that the next
+    /// call opens a new one.
+    async fn forget_if_broken<T>(
+        &self,
+        guard: &mut Option<Live>,
+        result: Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        if let Err(BrokerError::Unavailable(reason)) = &result {
+            tracing::warn!(
+                connection = %self.inner.connection_name,
+                error = %reason,
+                "AMQP connection lost; the next operation reconnects"
+            );
+            *guard = None;
+        }
+        result
+    }
+}
+
+async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|error| BrokerError::Unavailable(format!("cannot open a channel: {error}")))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|error| BrokerError::Unavailable(format!("cannot enable confirms: {error}")))?;
+    Ok(channel)
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            ShortString::from(queue),
+            // Durable: the queue, and with persistent messages its content,
+            // survive a broker restart.
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map(|_| ())
+}
+
+async fn open_consumer(
+    live: &mut Live,
+    topology: &Topology,
+    queue: &str,
+    prefetch: u16,
+) -> Result<AmqpConsumer, BrokerError> {
+    let channel = live
+        .connection
+        .create_channel()
+        .await
+        .map_err(|error| classify(live, &error))?;
+    let arguments = if queue == topology.reports_queue() {
+        topology.reports_queue_arguments()
+    } else {
+        topology.device_queue_arguments()
+    };
+    declare_queue(&channel, queue, arguments)
+        .await
+        .map_err(|error| classify(live, &error))?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|error| classify(live, &error))?;
+    let consumer = channel
+        .basic_consume(
+            ShortString::from(queue),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|error| classify(live, &error))?;
+    Ok(AmqpConsumer {
+        _channel: channel,
+        consumer,
+    })
+}
+
+/// Tells a dead connection (retry later) from a refused operation.
+fn classify(live: &Live, error: &lapin::Error) -> BrokerError {
+    if live.connection.status().connected() {
+        BrokerError::Rejected(error.to_string())
+    } else {
+        BrokerError::Unavailable(error.to_string())
+    }
+}
+
+fn to_basic_properties(properties: &MessageProperties) -> BasicProperties {
+    let mut basic = BasicProperties::default().with_delivery_mode(PERSISTENT);
+    if let Some(value) = &properties.message_id {
+        basic = basic.with_message_id(value.as_str().into());
+    }
+    if let Some(value) = &properties.correlation_id {
+        basic = basic.with_correlation_id(value.as_str().into());
+    }
+    if let Some(value) = &properties.kind {
+        basic = basic.with_type(value.as_str().into());
+    }
+    if let Some(value) = &properties.reply_to {
+        basic = basic.with_reply_to(value.as_str().into());
+    }
+    if let Some(value) = properties.timestamp {
+        basic = basic.with_timestamp(value);
+    }
+    if let Some(value) = &properties.content_type {
+        basic = basic.with_content_type(value.as_str().into());
+    }
+    basic
+}
+
+fn from_basic_properties(basic: &BasicProperties) -> MessageProperties {
+    let text = |value: &Option<ShortString>| value.as_ref().map(|v| v.as_str().to_owned());
+    MessageProperties {
+        message_id: text(basic.message_id()),
+        correlation_id: text(basic.correlation_id()),
+        kind: text(basic.kind()),
+        reply_to: text(basic.reply_to()),
+        timestamp: *basic.timestamp(),
+        content_type: text(basic.content_type()),
+    }
+}
+
+pub struct AmqpConsumer {
+    /// Kept so the channel lives as long as the consumer.
+    _channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl AmqpConsumer {
+    pub async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        let delivery = match self.consumer.next().await? {
+            Ok(delivery) => delivery,
+            Err(error) => {
+                return Some(Err(BrokerError::Unavailable(format!(
+                    "consumer stopped: {error}"
+                ))));
+            }
+        };
+        Some(Ok(Delivery {
+            properties: from_basic_properties(&delivery.properties),
+            body: delivery.data,
+            redelivered: delivery.redelivered,
+            acker: Acker::Amqp(delivery.acker),
+        }))
+    }
+}
+
+pub(super) async fn ack(acker: &lapin::Acker) -> Result<(), BrokerError> {
+    acker
+        .ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(|error| BrokerError::Unavailable(format!("ack failed: {error}")))
+}
+
+pub(super) async fn reject(acker: &lapin::Acker) -> Result<(), BrokerError> {
+    acker
+        .nack(BasicNackOptions {
+            requeue: false,
+            ..BasicNackOptions::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|error| BrokerError::Unavailable(format!("reject failed: {error}")))
+}
+
+pub(super) async fn requeue(acker: &lapin::Acker) -> Result<(), BrokerError> {
+    acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|error| BrokerError::Unavailable(format!("requeue failed: {error}")))
+}

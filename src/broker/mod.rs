@@ -1,0 +1,229 @@
+//! The message broker: RabbitMQ through lapin, or an in-process broker with
+//! the same contract for what the service relies on (durable per-device FIFO
+//! queues, publisher confirms, manual acks, redelivery of unacked messages).
+//!
+//! Everything above this module talks to [`Broker`] and never to lapin, so
+//! the contract tests in `tests/broker_contract.rs` run one suite against both.
+
+mod amqp;
+mod memory;
+mod topology;
+
+use std::fmt;
+
+pub use amqp::AmqpBroker;
+pub use memory::MemoryBroker;
+pub use topology::{QueueKind, Topology};
+
+use crate::domain::DeviceId;
+
+/// AMQP `type` of a command message sent to a device.
+pub const COMMAND_MESSAGE_TYPE: &str = "command";
+/// AMQP `type` of a status report a device sends back.
+pub const REPORT_MESSAGE_TYPE: &str = "status-report";
+/// AMQP `type` of a cancel notice for a command that is already running.
+pub const CANCEL_MESSAGE_TYPE: &str = "cancel";
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// Where a message goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// A device's queue, through the commands exchange with the device id
+    /// as routing key.
+    Device(DeviceId),
+    /// A named queue, through the default exchange.
+    Queue(String),
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Device(device) => write!(f, "device {device}"),
+            Self::Queue(queue) => write!(f, "queue {queue}"),
+        }
+    }
+}
+
+/// The AMQP properties the contract uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MessageProperties {
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    /// The AMQP `type` property.
+    pub kind: Option<String>,
+    pub reply_to: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub timestamp: Option<u64>,
+    pub content_type: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct OutgoingMessage {
+    pub destination: Destination,
+    pub properties: MessageProperties,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached now; the same operation may succeed later.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker took the message but had no queue for it.
+    #[error("message to {0} was returned as unroutable")]
+    Unroutable(Destination),
+    /// The broker refused this one operation (a negative confirm, or a
+    /// channel closed because of the message or its queue). Retrying the
+    /// same message is unlikely to help.
+    #[error("broker rejected the operation: {0}")]
+    Rejected(String),
+}
+
+/// A connection to the broker, cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Broker {
+    Amqp(AmqpBroker),
+    Memory(MemoryBroker),
+}
+
+impl Broker {
+    /// Connects to RabbitMQ at `amqp_url`, or starts the in-process broker
+    /// when there is none. The AMQP connection itself is opened lazily and
+    /// reopened after failures, so this succeeds while RabbitMQ is down.
+    pub fn new(amqp_url: Option<&str>, topology: Topology, connection_name: &str) -> Self {
+        match amqp_url {
+            Some(url) => Self::Amqp(AmqpBroker::new(url, topology, connection_name)),
+            None => Self::Memory(MemoryBroker::new(topology)),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        match self {
+            Self::Amqp(broker) => broker.topology(),
+            Self::Memory(broker) => broker.topology(),
+        }
+    }
+
+    /// Declares the queue of `device` and binds it, so that commands wait
+    /// there until the device's consumer connects.
+    pub async fn declare_device(&self, device: &DeviceId) -> Result<(), BrokerError> {
+        match self {
+            Self::Amqp(broker) => broker.declare_device(device).await,
+            Self::Memory(broker) => broker.declare_device(device),
+        }
+    }
+
+    /// Declares the queue that receives status reports.
+    pub async fn declare_reports(&self) -> Result<(), BrokerError> {
+        match self {
+            Self::Amqp(broker) => broker.declare_reports().await,
+            Self::Memory(broker) => broker.declare_reports(),
+        }
+    }
+
+    /// Publishes a persistent message and waits for the broker's confirm.
+    /// A message to a device whose queue does not exist is declared first.
+    pub async fn publish(&self, message: &OutgoingMessage) -> Result<(), BrokerError> {
+        match self {
+            Self::Amqp(broker) => broker.publish(message).await,
+            Self::Memory(broker) => broker.publish(message),
+        }
+    }
+
+    /// Starts consuming `queue` with manual acks and at most `prefetch`
+    /// unacknowledged deliveries.
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BrokerError> {
+        match self {
+            Self::Amqp(broker) => broker
+                .consume(queue, prefetch)
+                .await
+                .map(|consumer| Consumer::Amqp(Box::new(consumer))),
+            Self::Memory(broker) => broker.consume(queue, prefetch).map(Consumer::Memory),
+        }
+    }
+
+    /// Whether the broker answers now; opens a connection if none is open.
+    pub async fn check_ready(&self) -> Result<(), BrokerError> {
+        match self {
+            Self::Amqp(broker) => broker.check_ready().await,
+            Self::Memory(_) => Ok(()),
+        }
+    }
+
+    /// Closes the connection, if any.
+    pub async fn close(&self) {
+        if let Self::Amqp(broker) = self {
+            broker.close().await;
+        }
+    }
+}
+
+/// A stream of deliveries from one queue.
+pub enum Consumer {
+    Amqp(Box<amqp::AmqpConsumer>),
+    Memory(memory::MemoryConsumer),
+}
+
+impl Consumer {
+    /// Waits for the next delivery. `None` or an error means the consumer
+    /// is gone (connection lost, queue deleted) and must be started again.
+    pub async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        match self {
+            Self::Amqp(consumer) => consumer.next().await,
+            Self::Memory(consumer) => consumer.next().await.map(Ok),
+        }
+    }
+}
+
+/// One delivered message. It stays unacknowledged, and is redelivered if its
+/// consumer goes away, until [`Delivery::ack`] or [`Delivery::reject`].
+#[derive(Debug)]
+pub struct Delivery {
+    pub properties: MessageProperties,
+    pub body: Vec<u8>,
+    /// Set when the broker delivered this message before and it was not acked.
+    pub redelivered: bool,
+    acker: Acker,
+}
+
+#[derive(Debug)]
+enum Acker {
+    Amqp(lapin::Acker),
+    Memory(memory::MemoryAcker),
+}
+
+impl Delivery {
+    /// Removes the message from its queue for good.
+    pub async fn ack(&self) -> Result<(), BrokerError> {
+        match &self.acker {
+            Acker::Amqp(acker) => amqp::ack(acker).await,
+            Acker::Memory(acker) => {
+                acker.ack();
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops a message that can never be processed, without requeueing it,
+    /// so that it cannot loop.
+    pub async fn reject(&self) -> Result<(), BrokerError> {
+        match &self.acker {
+            Acker::Amqp(acker) => amqp::reject(acker).await,
+            Acker::Memory(acker) => {
+                acker.ack();
+                Ok(())
+            }
+        }
+    }
+
+    /// Puts the message back at the head of its queue for another try.
+    pub async fn requeue(&self) -> Result<(), BrokerError> {
+        match &self.acker {
+            Acker::Amqp(acker) => amqp::requeue(acker).await,
+            Acker::Memory(acker) => {
+                acker.requeue();
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+
+use crate::domain::{DeviceId, MAX_DEVICE_ID_BYTES};
+
+/// AMQP short strings, and so queue and exchange names, hold at most 255 bytes.
+const MAX_AMQP_NAME_BYTES: usize = 255;
+
+/// Which kind of RabbitMQ queue holds each device's commands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueKind {
+    /// Classic durable queues: the right choice on a single broker.
+    #[default]
+    Classic,
+    /// Quorum queues: replicated across a RabbitMQ cluster, for failover.
+    Quorum,
+}
+
+/// The names of every exchange and queue the service uses, all under one
+/// prefix so that several deployments (or test runs) can share a broker.
+///
+/// The public message contract in docs/amqp.md describes these names.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    prefix: String,
+    queue_kind: QueueKind,
+}
+
+impl Topology {
+    /// Builds the names under `prefix`, which must leave room for the longest
+    /// device id inside the 255-byte limit of AMQP names.
+    pub fn new(prefix: &str, queue_kind: QueueKind) -> Result<Self, String> {
+        let longest_queue = prefix.len() + DEVICE_QUEUE_INFIX.len() + MAX_DEVICE_ID_BYTES;
+        if prefix.is_empty() || longest_queue > MAX_AMQP_NAME_BYTES {
+            return Err(format!(
+                "AMQP prefix {prefix:?} must be 1 to {} bytes long so that queue names stay within {MAX_AMQP_NAME_BYTES} bytes",
+                MAX_AMQP_NAME_BYTES - DEVICE_QUEUE_INFIX.len() - MAX_DEVICE_ID_BYTES
+            ));
+        }
+        if prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(format!(
+                "AMQP prefix {prefix:?} must not contain whitespace or control characters"
+            ));
+        }
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            queue_kind,
+        })
+    }
+
+    /// The direct exchange that routes commands by device id.
+    pub fn commands_exchange(&self) -> String {
+        format!("{}.commands", self.prefix)
+    }
+
+    /// The durable queue that holds one device's commands.
+    pub fn device_queue(&self, device: &DeviceId) -> String {
+        format!("{}{DEVICE_QUEUE_INFIX}{device}", self.prefix)
+    }
+
+    /// The queue where devices send status reports, named in each command's
+    /// `reply_to`.
+    pub fn reports_queue(&self) -> String {
+        format!("{}.reports", self.prefix)
+    }
+
+    /// Arguments every declaration of a device queue must repeat exactly,
+    /// because RabbitMQ closes the channel when a redeclaration differs.
+    ///
+    /// A single active consumer keeps one device's commands in order even
+    /// when two agents for the same device connect at once.
+    pub fn device_queue_arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            ShortString::from("x-single-active-consumer"),
+            AMQPValue::Boolean(true),
+        );
+        if self.queue_kind == QueueKind::Quorum {
+            arguments.insert(
+                ShortString::from("x-queue-type"),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        arguments
+    }
+
+    /// Arguments for the reports queue; quorum on clusters, like device queues.
+    pub fn reports_queue_arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self.queue_kind == QueueKind::Quorum {
+            arguments.insert(
+                ShortString::from("x-queue-type"),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        arguments
+    }
+}
+
+const DEVICE_QUEUE_INFIX: &str = ".device.";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_share_the_prefix() {
+        let topology = Topology::new("cd", QueueKind::Classic).unwrap();
+        let device = DeviceId::parse("kiosk-1").unwrap();
+        assert_eq!(topology.commands_exchange(), "cd.commands");
+        assert_eq!(topology.device_queue(&device), "cd.device.kiosk-1");
+        assert_eq!(topology.reports_queue(), "cd.reports");
+    }
+
+    #[test]
+    fn longest_device_queue_fits_amqp_limit() {
+        let prefix =
+            "p".repeat(MAX_AMQP_NAME_BYTES - DEVICE_QUEUE_INFIX.len() - MAX_DEVICE_ID_BYTES);
+        let topology = Topology::new(&prefix, QueueKind::Classic).unwrap();
+        let device = DeviceId::parse(&"d".repeat(MAX_DEVICE_ID_BYTES)).unwrap();
+        assert_eq!(topology.device_queue(&device).len(), MAX_AMQP_NAME_BYTES);
+    }
+
+    #[test]
+    fn rejects_prefix_that_leaves_no_room() {
+        let prefix = "p".repeat(200);
+        assert!(Topology::new(&prefix, QueueKind::Classic).is_err());
+        assert!(Topology::new("", QueueKind::Classic).is_err());
+        assert!(Topology::new("a b", QueueKind::Classic).is_err());
+    }
+}

@@ -1,0 +1,251 @@
+//! Command-line settings. Every flag can also come from the environment
+//! variable shown in `--help`; flags win over the environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::broker::QueueKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dispatcher",
+    version,
+    about = "Delivers commands to devices over AMQP and reports how they ended."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Run the HTTP API and the server-side workers.
+    Serve(ServeArgs),
+    /// Run the device-side consumer for one device.
+    Agent(AgentArgs),
+    /// Print a bearer token signed with the configured secret.
+    Token(TokenArgs),
+}
+
+/// Settings shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Directory for the SQLite file, generated secrets and agent journals.
+    #[arg(long, env = "DISPATCHER_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// HS256 secret for bearer tokens. Unset: a secret generated into
+    /// DATA_DIR/jwt-secret on first use.
+    #[arg(long, env = "DISPATCHER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+}
+
+/// Broker settings shared by `serve` and `agent`.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL, such as amqp://user:pass@127.0.0.1:5672/%2f. Unset: the
+    /// in-process broker (only in-process agents can reach it).
+    #[arg(long, env = "DISPATCHER_AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<String>,
+
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "DISPATCHER_AMQP_PREFIX", default_value = "dispatcher")]
+    pub amqp_prefix: String,
+
+    /// Kind of RabbitMQ queue for devices and reports: quorum for clusters.
+    #[arg(long, env = "DISPATCHER_QUEUE_TYPE", value_enum, default_value_t = QueueKind::Classic)]
+    pub queue_type: QueueKind,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// Address the HTTP API listens on; port 0 picks a free port, printed at start.
+    #[arg(long, env = "DISPATCHER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Database URL: sqlite://PATH?mode=rwc or postgres://…. Unset: a SQLite
+    /// file in the data directory.
+    #[arg(long, env = "DISPATCHER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Most database connections in the pool.
+    #[arg(long, env = "DISPATCHER_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
+    pub database_max_connections: u32,
+
+    /// How long a request waits for a free database connection before it
+    /// fails with 503, such as 5s.
+    #[arg(long, env = "DISPATCHER_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub database_acquire_timeout: Duration,
+
+    /// Also run an in-process agent for this device (repeatable).
+    #[arg(long = "agent", value_name = "DEVICE_ID")]
+    pub agents: Vec<String>,
+
+    /// Handlers file for the in-process agents; see docs/handlers.md.
+    #[arg(long, env = "DISPATCHER_HANDLERS")]
+    pub handlers: Option<PathBuf>,
+
+    /// Networks postbacks may reach although they are not public, as a
+    /// comma-separated CIDR list such as 127.0.0.0/8,::1/128.
+    #[arg(long, env = "DISPATCHER_POSTBACK_ALLOWED_NETWORKS", default_value = "")]
+    pub postback_allowed_networks: String,
+
+    /// Comma-separated whsec_ secrets that sign postbacks; every attempt is
+    /// signed with each. Unset: one generated into DATA_DIR/webhook-secret.
+    #[arg(long, env = "DISPATCHER_WEBHOOK_SECRETS", hide_env_values = true)]
+    pub webhook_secrets: Option<String>,
+
+    /// Delays between postback attempts, such as 1s,5s,30s. Unset: the
+    /// default schedule in docs/webhooks.md.
+    #[arg(long, env = "DISPATCHER_POSTBACK_RETRY_DELAYS")]
+    pub postback_retry_delays: Option<String>,
+
+    /// Deadline of one postback attempt, from connect to the end of the response.
+    #[arg(long, env = "DISPATCHER_POSTBACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub postback_timeout: Duration,
+
+    /// Post back on every status change, not only when the command is final.
+    #[arg(long, env = "DISPATCHER_POSTBACK_EVERY_TRANSITION")]
+    pub postback_every_transition: bool,
+
+    /// Expiry of commands that name no ExpirationDateTime, such as 24h;
+    /// "none" means they never expire.
+    #[arg(long, env = "DISPATCHER_DEFAULT_TTL", default_value = "24h", value_parser = parse_ttl)]
+    pub default_ttl: Ttl,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// The device whose queue this agent consumes.
+    #[arg(long, env = "DISPATCHER_DEVICE")]
+    pub device: String,
+
+    /// Handlers file; see docs/handlers.md. Unset: only the built-in echo.
+    #[arg(long, env = "DISPATCHER_HANDLERS")]
+    pub handlers: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// The token's subject (`sub`): the user that /me routes belong to.
+    #[arg(long)]
+    pub subject: String,
+
+    /// How long the token is valid, such as 24h.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub lifetime: Duration,
+}
+
+/// A default command lifetime, or none.
+#[derive(Debug, Clone, Copy)]
+pub struct Ttl(pub Option<Duration>);
+
+fn parse_ttl(value: &str) -> Result<Ttl, String> {
+    if value.eq_ignore_ascii_case("none") {
+        return Ok(Ttl(None));
+    }
+    let duration = humantime::parse_duration(value)
+        .map_err(|error| format!("{error}; use a duration such as 24h, or none"))?;
+    if duration.is_zero() {
+        return Err(
+            "a default TTL of zero would expire every command at once; use none to disable expiry"
+                .into(),
+        );
+    }
+    Ok(Ttl(Some(duration)))
+}
+
+impl CommonArgs {
+    /// The configured JWT secret, or the one in the data directory, created
+    /// on first use with mode 0600.
+    pub fn jwt_secret(&self) -> anyhow::Result<Vec<u8>> {
+        if let Some(secret) = &self.jwt_secret {
+            anyhow::ensure!(
+                secret.len() >= 32,
+                "the JWT secret must be at least 32 bytes long"
+            );
+            return Ok(secret.as_bytes().to_vec());
+        }
+        let generated = read_or_create_secret(&self.data_dir.join("jwt-secret"), || {
+            let bytes: [u8; 32] = rand::random();
+            bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+        })?;
+        Ok(generated.into_bytes())
+    }
+}
+
+/// Reads a secret file, or writes a new secret into it readable by the
+/// owner only. The secret itself is never logged.
+pub fn read_or_create_secret(
+    path: &Path,
+    generate: impl FnOnce() -> String,
+) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => return Ok(text.trim().to_owned()),
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            anyhow::bail!("cannot read the secret file {}: {error}", path.display())
+        }
+        Err(_) => {}
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|error| {
+            anyhow::anyhow!(
+                "cannot create the data directory {}: {error}",
+                parent.display()
+            )
+        })?;
+    }
+    write_private(path, &generate())?;
+    tracing::info!(path = %path.display(), "generated a new secret file");
+    // Read back rather than return the generated value: another process
+    // may have created the file first.
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        anyhow::anyhow!("cannot read the secret file {}: {error}", path.display())
+    })?;
+    Ok(text.trim().to_owned())
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // create_new: two processes starting at once must not overwrite each
+    // other's secret; the loser reads the winner's.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match file {
+        Ok(mut file) => {
+            file.write_all(secret.as_bytes())?;
+            file.sync_all()?;
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => anyhow::bail!("cannot write the secret file {}: {error}", path.display()),
+    }
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, secret: &str) -> anyhow::Result<()> {
+    std::fs::write(path, secret).map_err(|error| {
+        anyhow::anyhow!("cannot write the secret file {}: {error}", path.display())
+    })
+}

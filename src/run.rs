@@ -1,0 +1,181 @@
+//! Entry points of the `dispatcher` subcommands, kept out of `main.rs` so
+//! that the binary only parses arguments.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::handlers::Handlers;
+use crate::agent::runner::{self, AgentSettings};
+use crate::api::AppState;
+use crate::api::auth::JwtKeys;
+use crate::broker::{Broker, Topology};
+use crate::cli::{AgentArgs, BrokerArgs, ServeArgs, TokenArgs};
+use crate::domain::DeviceId;
+use crate::net::address::AllowedNetworks;
+use crate::server::{ServerContext, Service};
+use crate::store::{PoolSettings, Store};
+
+/// `dispatcher serve`.
+pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let data_dir = &args.common.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let keys = JwtKeys::new(&args.common.jwt_secret()?);
+    let allowed_networks = AllowedNetworks::parse(&args.postback_allowed_networks)
+        .map_err(|error| anyhow::anyhow!("invalid --postback-allowed-networks: {error}"))?;
+    let agents = args
+        .agents
+        .iter()
+        .map(|device| {
+            DeviceId::parse(device)
+                .map_err(|error| anyhow::anyhow!("invalid --agent {device:?}: {error}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let handlers = load_handlers(args.handlers.as_deref())?;
+
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| Store::default_sqlite_url(data_dir));
+    let pool = PoolSettings {
+        max_connections: args.database_max_connections,
+        acquire_timeout: args.database_acquire_timeout,
+    };
+    let store = Store::connect(&database_url, &pool)
+        .await
+        .context("cannot open the database")?;
+    let broker = broker_from(&args.broker, "dispatcher serve")?;
+
+    let state = AppState {
+        store: store.clone(),
+        broker: broker.clone(),
+        keys,
+        allowed_networks,
+        default_ttl: args.default_ttl.0,
+        relay_wake: Arc::new(Notify::new()),
+        postback_wake: Arc::new(Notify::new()),
+    };
+    let context = Arc::new(ServerContext {
+        store,
+        broker: broker.clone(),
+        postback_wake: state.postback_wake.clone(),
+        postback_every_transition: args.postback_every_transition,
+    });
+    let mut workers = Service::server_workers(&context, &state, &shutdown);
+    for device in agents {
+        let settings = AgentSettings {
+            journal_path: journal_path(data_dir, &device),
+            device,
+            handlers: handlers.clone(),
+        };
+        let (broker, shutdown) = (broker.clone(), shutdown.clone());
+        workers.push(Box::pin(async move {
+            let device = settings.device.clone();
+            if let Err(error) = runner::run(broker, settings, shutdown).await {
+                tracing::error!(device_id = %device, error = format!("{error:#}"), "in-process agent failed");
+            }
+        }));
+    }
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    // Printed on stdout, apart from the logs, so that scripts and tests can
+    // read the port when they asked for port 0.
+    println!("dispatcher listening on http://{address}");
+    tracing::info!(%address, broker = broker_kind(&broker), backend = ?context.store.backend(), "dispatcher serving");
+    Service {
+        state,
+        context,
+        workers,
+    }
+    .run(listener, shutdown)
+    .await
+}
+
+/// `dispatcher agent`.
+pub async fn agent(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let device = DeviceId::parse(&args.device)
+        .map_err(|error| anyhow::anyhow!("invalid --device {:?}: {error}", args.device))?;
+    anyhow::ensure!(
+        args.broker.amqp_url.is_some(),
+        "dispatcher agent needs --amqp-url (or DISPATCHER_AMQP_URL); with the in-process broker, run agents inside serve with --agent {device}"
+    );
+    let handlers = load_handlers(args.handlers.as_deref())?;
+    let broker = broker_from(&args.broker, &format!("dispatcher agent {device}"))?;
+    let settings = AgentSettings {
+        journal_path: journal_path(&args.common.data_dir, &device),
+        device,
+        handlers,
+    };
+    let result = runner::run(broker.clone(), settings, shutdown).await;
+    broker.close().await;
+    result
+}
+
+/// `dispatcher token`.
+pub fn token(args: TokenArgs) -> anyhow::Result<String> {
+    anyhow::ensure!(!args.subject.is_empty(), "--subject must not be empty");
+    JwtKeys::new(&args.common.jwt_secret()?).issue(&args.subject, args.lifetime)
+}
+
+fn broker_from(args: &BrokerArgs, connection_name: &str) -> anyhow::Result<Broker> {
+    let topology = Topology::new(&args.amqp_prefix, args.queue_type)
+        .map_err(|error| anyhow::anyhow!(error))?;
+    Ok(Broker::new(
+        args.amqp_url.as_deref(),
+        topology,
+        connection_name,
+    ))
+}
+
+fn load_handlers(path: Option<&std::path::Path>) -> anyhow::Result<Handlers> {
+    match path {
+        Some(path) => Handlers::load(path),
+        None => Ok(Handlers::builtin()),
+    }
+}
+
+fn journal_path(data_dir: &std::path::Path, device: &DeviceId) -> std::path::PathBuf {
+    data_dir.join("journals").join(format!("{device}.jsonl"))
+}
+
+fn broker_kind(broker: &Broker) -> &'static str {
+    match broker {
+        Broker::Amqp(_) => "rabbitmq",
+        Broker::Memory(_) => "in-process",
+    }
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut terminate =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(signal) => signal,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("stop requested; finishing work in flight");
+        token.cancel();
+    });
+}

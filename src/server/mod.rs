@@ -1,0 +1,149 @@
+//! `dispatcher serve`: the HTTP API plus the server-side workers (outbox
+//! relay, report worker, expiry sweeper, postback sender), and optionally
+//! in-process agents, all stopped by one cancellation token.
+
+mod backoff;
+mod expiry;
+mod relay;
+mod reports;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use backoff::backoff_delay;
+
+use crate::api::{self, AppState};
+use crate::broker::Broker;
+use crate::domain::CommandStatus;
+use crate::store::{Applied, StatusChange, Store};
+
+/// What the server-side workers share.
+pub struct ServerContext {
+    pub store: Store,
+    pub broker: Broker,
+    /// Woken when a status change created a postback delivery.
+    pub postback_wake: Arc<Notify>,
+    /// Post back on every status change, not only the final one.
+    pub postback_every_transition: bool,
+}
+
+impl ServerContext {
+    /// Whether a change to `status` creates a postback delivery.
+    pub fn posts_back(&self, status: CommandStatus) -> bool {
+        self.postback_every_transition || status.is_final()
+    }
+}
+
+/// Applies a status change and logs what happened. Returns false only when
+/// the store failed, so the caller can retry.
+pub async fn apply_and_log(context: &ServerContext, change: &StatusChange) -> bool {
+    match context
+        .store
+        .apply_status(change, |status| context.posts_back(status))
+        .await
+    {
+        Ok(Applied::Moved(command)) => {
+            tracing::info!(
+                command_id = %command.id,
+                device_id = %command.device_id,
+                status = %command.status,
+                source = change.source,
+                "command status changed"
+            );
+            if command.postback_uri.is_some() && context.posts_back(command.status) {
+                context.postback_wake.notify_one();
+            }
+            true
+        }
+        Ok(Applied::Ignored { current }) => {
+            tracing::debug!(
+                command_id = %change.command_id,
+                status = %change.status,
+                %current,
+                "status change ignored: not a forward move"
+            );
+            true
+        }
+        Ok(Applied::NotFound) => {
+            tracing::warn!(command_id = %change.command_id, status = %change.status, "status change for an unknown command ignored");
+            true
+        }
+        Err(error) => {
+            tracing::error!(command_id = %change.command_id, %error, "cannot store a status change");
+            false
+        }
+    }
+}
+
+/// The parts of `serve` that the binary builds from its settings.
+pub struct Service {
+    pub state: AppState,
+    pub context: Arc<ServerContext>,
+    pub workers: Vec<Worker>,
+}
+
+/// A background task the service runs beside the API.
+pub type Worker = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl Service {
+    /// Starts the server-side workers for `state`.
+    pub fn server_workers(
+        context: &Arc<ServerContext>,
+        state: &AppState,
+        shutdown: &CancellationToken,
+    ) -> Vec<Worker> {
+        vec![
+            Box::pin(relay::run(
+                context.clone(),
+                state.relay_wake.clone(),
+                shutdown.clone(),
+            )),
+            Box::pin(reports::run(context.clone(), shutdown.clone())),
+            Box::pin(expiry::run(context.clone(), shutdown.clone())),
+        ]
+    }
+
+    /// Serves the API on `listener` and runs the workers until `shutdown`
+    /// fires, then drains: the API stops accepting, in-flight requests and
+    /// worker steps finish, and the connections close.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        if let Err(error) = self.state.broker.declare_reports().await {
+            // Not fatal: the report worker declares it again when the broker
+            // comes back.
+            tracing::warn!(%error, "cannot declare the reports queue yet");
+        }
+        let mut tasks = JoinSet::new();
+        for worker in self.workers {
+            tasks.spawn(worker);
+        }
+        let app = api::router(self.state.clone());
+        let api_shutdown = shutdown.clone();
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
+            .await;
+        shutdown.cancel();
+        // Workers finish their current step; a generous bound keeps a stuck
+        // one from blocking the exit forever.
+        if tokio::time::timeout(Duration::from_secs(30), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!("workers did not stop within 30 s; exiting anyway");
+        }
+        self.state.broker.close().await;
+        self.state.store.close().await;
+        tracing::info!("dispatcher stopped");
+        served.map_err(Into::into)
+    }
+}

@@ -1,0 +1,123 @@
+//! The report worker: applies status reports from devices to the store.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::backoff::backoff_delay;
+use super::{ServerContext, apply_and_log};
+use crate::broker::{Delivery, REPORT_MESSAGE_TYPE};
+use crate::command::Millis;
+use crate::contract::StatusReport;
+use crate::domain::CommandStatus;
+use crate::store::StatusChange;
+
+/// Reports taken from the broker ahead of processing; each is acked only
+/// after its status is stored.
+const PREFETCH: u16 = 64;
+
+pub async fn run(context: Arc<ServerContext>, shutdown: CancellationToken) {
+    let queue = context.broker.topology().reports_queue();
+    let mut attempt = 0u32;
+    while !shutdown.is_cancelled() {
+        let consumer = tokio::select! {
+            () = shutdown.cancelled() => break,
+            result = context.broker.consume(&queue, PREFETCH) => result,
+        };
+        let mut consumer = match consumer {
+            Ok(consumer) => {
+                if attempt > 0 {
+                    tracing::info!(%queue, "consuming status reports again");
+                }
+                attempt = 0;
+                consumer
+            }
+            Err(error) => {
+                attempt += 1;
+                let delay =
+                    backoff_delay(attempt, Duration::from_millis(200), Duration::from_secs(10));
+                tracing::warn!(%queue, %error, retry_in = ?delay, "cannot consume status reports");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => handle(&context, delivery).await,
+                Some(Err(error)) => {
+                    tracing::warn!(%queue, %error, "status report consumer stopped; reconnecting");
+                    break;
+                }
+                None => {
+                    tracing::warn!(%queue, "status report consumer closed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!("report worker stopped");
+}
+
+async fn handle(context: &ServerContext, delivery: Delivery) {
+    let change = match parse(&delivery) {
+        Ok(change) => change,
+        Err(reason) => {
+            // A report that cannot be read now never can: drop it so that it
+            // cannot loop, and say why once.
+            tracing::warn!(
+                message_id = ?delivery.properties.message_id,
+                error = %reason,
+                "dropping an invalid status report"
+            );
+            if let Err(error) = delivery.reject().await {
+                tracing::warn!(%error, "cannot reject an invalid status report");
+            }
+            return;
+        }
+    };
+    if !apply_and_log(context, &change).await {
+        // The store failed; hand the report back after a pause, so that a
+        // database outage does not turn into a hot redelivery loop.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Err(error) = delivery.requeue().await {
+            tracing::warn!(%error, "cannot requeue a status report");
+        }
+        return;
+    }
+    if let Err(error) = delivery.ack().await {
+        // The report is stored; a redelivery of it will be ignored.
+        tracing::warn!(command_id = %change.command_id, %error, "cannot ack a stored status report");
+    }
+}
+
+fn parse(delivery: &Delivery) -> Result<StatusChange, String> {
+    if let Some(kind) = &delivery.properties.kind
+        && kind != REPORT_MESSAGE_TYPE
+    {
+        return Err(format!(
+            "message type {kind:?} is not {REPORT_MESSAGE_TYPE:?}"
+        ));
+    }
+    let report: StatusReport = serde_json::from_slice(&delivery.body)
+        .map_err(|error| format!("body is not a status report: {error}"))?;
+    let status = CommandStatus::from_str(&report.status)?;
+    if status == CommandStatus::Queued || status == CommandStatus::FailedToSend {
+        return Err(format!("devices cannot report the status {status}"));
+    }
+    Ok(StatusChange {
+        command_id: report.command_id,
+        status,
+        error: report.error,
+        response_payload: report.response_payload.map(|raw| raw.get().to_owned()),
+        source: "agent",
+        at: Millis::now(),
+    })
+}

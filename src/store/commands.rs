@@ -1,0 +1,287 @@
+use sqlx::{Any, Row, Transaction};
+use uuid::Uuid;
+
+use super::{Backend, Store, StoreError, command_from_row, parse_status};
+use crate::command::{Command, Millis, NewCommand};
+use crate::domain::CommandStatus;
+
+/// A status a command should move to, and who says so.
+#[derive(Clone, Debug)]
+pub struct StatusChange {
+    pub command_id: Uuid,
+    pub status: CommandStatus,
+    pub error: Option<String>,
+    /// JSON text.
+    pub response_payload: Option<String>,
+    /// Who moved the command: `agent`, `relay`, `expiry` or `api`.
+    pub source: &'static str,
+    pub at: Millis,
+}
+
+/// What [`Store::apply_status`] did.
+#[derive(Debug)]
+pub enum Applied {
+    /// The command moved; it is returned as stored now.
+    Moved(Box<Command>),
+    /// The change was not allowed (a repeat, a step backwards, or a final
+    /// status already reached), so nothing was written.
+    Ignored {
+        current: CommandStatus,
+    },
+    NotFound,
+}
+
+/// One stored status transition.
+#[derive(Clone, Debug)]
+pub struct Transition {
+    pub status: CommandStatus,
+    pub at: Millis,
+    pub source: String,
+    pub error: Option<String>,
+}
+
+impl Store {
+    /// Stores a new `queued` command together with its pending publish, in
+    /// one transaction, so a command is never stored without its message.
+    pub async fn insert_command(&self, new: NewCommand) -> Result<Command, StoreError> {
+        let now = Millis::now();
+        let command = Command {
+            // Version 7 ids sort by creation time, which keeps indexes
+            // append-mostly and gives listings a stable tie-break.
+            id: Uuid::now_v7(),
+            device_id: new.device_id,
+            owner: new.owner,
+            status: CommandStatus::Queued,
+            command_type: new.command_type,
+            app_service_name: new.app_service_name,
+            package_family_name: new.package_family_name,
+            error: None,
+            payload: new.payload,
+            response_payload: None,
+            permission_ticket: new.permission_ticket,
+            postback_uri: new.postback_uri,
+            created_at: now,
+            last_action_at: now,
+            expires_at: new.expires_at,
+        };
+
+        let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
+        sqlx::query(
+            "INSERT INTO commands (id, device_id, owner, status, command_type, app_service_name, \
+             package_family_name, error, payload, response_payload, permission_ticket, postback_uri, \
+             created_at, last_action_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, NULL, $9, $10, $11, $11, $12)",
+        )
+        .bind(command.id.to_string())
+        .bind(command.device_id.as_str())
+        .bind(&command.owner)
+        .bind(command.status.as_str())
+        .bind(command.command_type.as_str())
+        .bind(&command.app_service_name)
+        .bind(&command.package_family_name)
+        .bind(&command.payload)
+        .bind(&command.permission_ticket)
+        .bind(&command.postback_uri)
+        .bind(now.0)
+        .bind(command.expires_at.map(|m| m.0))
+        .execute(&mut *tx)
+        .await?;
+        insert_transition(&mut tx, command.id, CommandStatus::Queued, now, "api", None).await?;
+        sqlx::query("INSERT INTO outbox (command_id, device_id, available_at) VALUES ($1, $2, $3)")
+            .bind(command.id.to_string())
+            .bind(command.device_id.as_str())
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(command)
+    }
+
+    pub async fn get_command(&self, id: Uuid) -> Result<Option<Command>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            command_columns!(),
+            " FROM commands c WHERE c.id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(|e| self.error(e))?;
+        row.as_ref().map(command_from_row).transpose()
+    }
+
+    /// Moves a command to a new status if [`CommandStatus::can_move_to`]
+    /// allows it, records the transition, and, when the command has a
+    /// `PostBackUri` and `notify` says this status is posted back, creates the
+    /// postback delivery in the same transaction.
+    ///
+    /// Applying the same change twice writes nothing the second time, which
+    /// makes redelivered status reports harmless.
+    pub async fn apply_status(
+        &self,
+        change: &StatusChange,
+        notify: impl Fn(CommandStatus) -> bool,
+    ) -> Result<Applied, StoreError> {
+        let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
+        // On PostgreSQL the row lock orders concurrent writers of one
+        // command; on SQLite the single writer connection already does.
+        let select = match self.backend {
+            Backend::Postgres => {
+                concat!(
+                    "SELECT ",
+                    command_columns!(),
+                    " FROM commands c WHERE c.id = $1 FOR UPDATE"
+                )
+            }
+            Backend::Sqlite => concat!(
+                "SELECT ",
+                command_columns!(),
+                " FROM commands c WHERE c.id = $1"
+            ),
+        };
+        let row = sqlx::query(select)
+            .bind(change.command_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Ok(Applied::NotFound);
+        };
+        let mut command = command_from_row(&row)?;
+        if !command.status.can_move_to(change.status) {
+            return Ok(Applied::Ignored {
+                current: command.status,
+            });
+        }
+
+        command.status = change.status;
+        command.last_action_at = change.at;
+        if change.error.is_some() {
+            command.error.clone_from(&change.error);
+        }
+        if change.response_payload.is_some() {
+            command
+                .response_payload
+                .clone_from(&change.response_payload);
+        }
+        sqlx::query(
+            "UPDATE commands SET status = $2, error = $3, response_payload = $4, last_action_at = $5 \
+             WHERE id = $1",
+        )
+        .bind(command.id.to_string())
+        .bind(command.status.as_str())
+        .bind(&command.error)
+        .bind(&command.response_payload)
+        .bind(change.at.0)
+        .execute(&mut *tx)
+        .await?;
+        let sequence = insert_transition(
+            &mut tx,
+            command.id,
+            change.status,
+            change.at,
+            change.source,
+            change.error.as_deref(),
+        )
+        .await?;
+        if let Some(url) = &command.postback_uri
+            && notify(change.status)
+        {
+            Self::insert_postback(&mut tx, &command, url, sequence, change.at).await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Moved(Box::new(command)))
+    }
+
+    /// Every transition of a command, oldest first.
+    pub async fn transitions(&self, id: Uuid) -> Result<Vec<Transition>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT status, at, source, error FROM command_transitions WHERE command_id = $1 ORDER BY id",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(|row| {
+                Ok(Transition {
+                    status: parse_status(&row.try_get::<String, _>("status")?)?,
+                    at: Millis(row.try_get("at")?),
+                    source: row.try_get("source")?,
+                    error: row.try_get("error")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Unfinished commands whose message already left the outbox, oldest
+    /// first. The in-process broker loses its queues when the process stops,
+    /// so the relay publishes these again at start.
+    pub async fn unfinished_published_commands(&self) -> Result<Vec<Command>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            command_columns!(),
+            " FROM commands c \
+             WHERE c.status IN ('queued', 'sentToTarget', 'executing') \
+             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.command_id = c.id) \
+             ORDER BY c.created_at, c.id"
+        ))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter().map(command_from_row).collect()
+    }
+
+    /// Ids of commands that have not started running and whose expiry is at
+    /// or before `now`.
+    pub async fn expired_command_ids(
+        &self,
+        now: Millis,
+        limit: i64,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM commands WHERE status IN ('queued', 'sentToTarget') \
+             AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+        )
+        .bind(now.0)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                Uuid::parse_str(&id)
+                    .map_err(|e| StoreError::Corrupt(format!("command id {id:?}: {e}")))
+            })
+            .collect()
+    }
+}
+
+/// Inserts a transition and returns how many transitions the command has
+/// now, which numbers per-transition postbacks.
+async fn insert_transition(
+    tx: &mut Transaction<'_, Any>,
+    id: Uuid,
+    status: CommandStatus,
+    at: Millis,
+    source: &str,
+    error: Option<&str>,
+) -> Result<i64, StoreError> {
+    sqlx::query(
+        "INSERT INTO command_transitions (command_id, status, at, source, error) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id.to_string())
+    .bind(status.as_str())
+    .bind(at.0)
+    .bind(source)
+    .bind(error)
+    .execute(&mut **tx)
+    .await?;
+    let count: i64 =
+        sqlx::query("SELECT COUNT(*) AS n FROM command_transitions WHERE command_id = $1")
+            .bind(id.to_string())
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("n")?;
+    Ok(count)
+}

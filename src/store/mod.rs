@@ -1,0 +1,228 @@
+//! Persistence through sqlx, on SQLite (the embedded default) or PostgreSQL.
+//!
+//! Queries go through `sqlx::Any` with `$N` placeholders, which both drivers
+//! accept, so one set of statements serves both databases. Migrations differ
+//! only in dialect and live in `migrations/sqlite` and `migrations/postgres`.
+
+/// The `commands` columns that [`command_from_row`] reads, for a table
+/// aliased `c`. A macro rather than a constant so that queries stay string
+/// literals, which is what sqlx accepts without an injection audit.
+macro_rules! command_columns {
+    () => {
+        "c.id, c.device_id, c.owner, c.status, c.command_type, c.app_service_name, \
+         c.package_family_name, c.error, c.payload, c.response_payload, c.permission_ticket, \
+         c.postback_uri, c.created_at, c.last_action_at, c.expires_at"
+    };
+}
+
+mod commands;
+mod outbox;
+mod postbacks;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use uuid::Uuid;
+
+pub use commands::{Applied, StatusChange, Transition};
+pub use outbox::OutboxItem;
+pub use postbacks::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING, PostbackRecord};
+
+use crate::command::{Command, Millis};
+use crate::domain::{CommandStatus, CommandType, DeviceId};
+
+/// Which database the URL selected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Every pooled connection stayed busy for the whole acquire timeout.
+    #[error("database is busy: no connection became free within {0:?}")]
+    Exhausted(Duration),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stored row is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// Pool sizes and timeouts.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    /// Connections for reads; on PostgreSQL also for writes.
+    pub max_connections: u32,
+    /// How long a request waits for a free connection before it fails.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+    /// Takes every write. On SQLite it has a single connection, because
+    /// SQLite allows one writer at a time and a queue in the pool is fairer
+    /// and faster than `database is locked` retries; on PostgreSQL it is
+    /// the same pool as `reader`.
+    writer: AnyPool,
+    reader: AnyPool,
+    acquire_timeout: Duration,
+}
+
+impl Store {
+    /// Opens the database at `url` and runs the embedded migrations.
+    pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            anyhow::bail!(
+                "database URL must start with sqlite: or postgres:, got {:?}",
+                url.split(':').next().unwrap_or_default()
+            );
+        };
+
+        let store = match backend {
+            Backend::Sqlite => {
+                let writer = sqlite_pool(url, 1, settings.acquire_timeout).await?;
+                let reader =
+                    sqlite_pool(url, settings.max_connections, settings.acquire_timeout).await?;
+                Self {
+                    backend,
+                    writer,
+                    reader,
+                    acquire_timeout: settings.acquire_timeout,
+                }
+            }
+            Backend::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(settings.max_connections)
+                    .acquire_timeout(settings.acquire_timeout)
+                    .connect(url)
+                    .await?;
+                Self {
+                    backend,
+                    writer: pool.clone(),
+                    reader: pool,
+                    acquire_timeout: settings.acquire_timeout,
+                }
+            }
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The URL of the default SQLite file inside `data_dir`.
+    pub fn default_sqlite_url(data_dir: &Path) -> String {
+        format!(
+            "sqlite://{}?mode=rwc",
+            data_dir.join("dispatcher.sqlite").display()
+        )
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        let migrator = match self.backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        };
+        migrator.run(&self.writer).await?;
+        Ok(())
+    }
+
+    /// Checks that the database answers a query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map_err(|error| self.error(error))?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+
+    fn error(&self, error: sqlx::Error) -> StoreError {
+        match error {
+            sqlx::Error::PoolTimedOut => StoreError::Exhausted(self.acquire_timeout),
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+async fn sqlite_pool(url: &str, size: u32, acquire_timeout: Duration) -> anyhow::Result<AnyPool> {
+    let pool = AnyPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(acquire_timeout)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                // WAL lets readers run beside the writer. NORMAL sync in WAL
+                // mode loses no committed transaction when a process crashes;
+                // only a power loss or OS crash can drop the last commits.
+                for pragma in [
+                    "PRAGMA journal_mode = WAL",
+                    "PRAGMA synchronous = NORMAL",
+                    "PRAGMA busy_timeout = 10000",
+                    "PRAGMA foreign_keys = ON",
+                ] {
+                    sqlx::query(pragma).execute(&mut *connection).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    Ok(pool)
+}
+
+fn command_from_row(row: &AnyRow) -> Result<Command, StoreError> {
+    let text = |name: &str| row.try_get::<String, _>(name).map_err(StoreError::from);
+    let optional = |name: &str| {
+        row.try_get::<Option<String>, _>(name)
+            .map_err(StoreError::from)
+    };
+    let id = text("id")?;
+    Ok(Command {
+        id: Uuid::parse_str(&id)
+            .map_err(|error| StoreError::Corrupt(format!("command id {id:?}: {error}")))?,
+        device_id: DeviceId::parse(&text("device_id")?)
+            .map_err(|error| StoreError::Corrupt(format!("command {id}: {error}")))?,
+        owner: text("owner")?,
+        status: parse_status(&text("status")?)?,
+        command_type: CommandType::from_str(&text("command_type")?).map_err(StoreError::Corrupt)?,
+        app_service_name: optional("app_service_name")?,
+        package_family_name: optional("package_family_name")?,
+        error: optional("error")?,
+        payload: optional("payload")?,
+        response_payload: optional("response_payload")?,
+        permission_ticket: optional("permission_ticket")?,
+        postback_uri: optional("postback_uri")?,
+        created_at: Millis(row.try_get("created_at")?),
+        last_action_at: Millis(row.try_get("last_action_at")?),
+        expires_at: row.try_get::<Option<i64>, _>("expires_at")?.map(Millis),
+    })
+}
+
+fn parse_status(value: &str) -> Result<CommandStatus, StoreError> {
+    CommandStatus::from_str(value).map_err(StoreError::Corrupt)
+}

@@ -1,0 +1,268 @@
+use sqlx::{Any, Row, Transaction};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::command::{Command, Millis, PostbackSummary};
+
+pub const PENDING: &str = "pending";
+pub const DELIVERED: &str = "delivered";
+pub const FAILED: &str = "failed";
+
+/// A delivery that is due and not leased by another sender.
+#[derive(Clone, Debug)]
+pub struct DuePostback {
+    pub id: Uuid,
+    pub command_id: Uuid,
+    pub url: String,
+    pub body: String,
+    pub sequence: i64,
+    pub attempts: i64,
+}
+
+/// A delivery with its attempts, for `GET …/postbacks`.
+#[derive(Clone, Debug)]
+pub struct PostbackRecord {
+    pub id: Uuid,
+    pub url: String,
+    pub sequence: i64,
+    pub state: String,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: Millis,
+    pub finished_at: Option<Millis>,
+    pub next_attempt_at: Option<Millis>,
+    pub attempt_log: Vec<AttemptRecord>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AttemptRecord {
+    pub attempt: i64,
+    pub at: Millis,
+    pub status_code: Option<i64>,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub duration_ms: i64,
+}
+
+impl Store {
+    pub(super) async fn insert_postback(
+        tx: &mut Transaction<'_, Any>,
+        command: &Command,
+        url: &str,
+        sequence: i64,
+        now: Millis,
+    ) -> Result<Uuid, StoreError> {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO postbacks (id, command_id, url, body, sequence, state, attempts, next_attempt_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $7)",
+        )
+        .bind(id.to_string())
+        .bind(command.id.to_string())
+        .bind(url)
+        .bind(command.to_json(None))
+        .bind(sequence)
+        .bind(PENDING)
+        .bind(now.0)
+        .execute(&mut **tx)
+        .await?;
+        Ok(id)
+    }
+
+    /// Creates a new delivery of the command as it is now, with a new id,
+    /// for an operator who wants a finished delivery sent again.
+    pub async fn resend_postback(&self, command: &Command) -> Result<Option<Uuid>, StoreError> {
+        let Some(url) = &command.postback_uri else {
+            return Ok(None);
+        };
+        let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
+        let sequence: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM command_transitions WHERE command_id = $1")
+                .bind(command.id.to_string())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+        let id = Self::insert_postback(&mut tx, command, url, sequence, Millis::now()).await?;
+        tx.commit().await?;
+        Ok(Some(id))
+    }
+
+    /// Deliveries due at `now`, earliest first.
+    pub async fn due_postbacks(
+        &self,
+        now: Millis,
+        limit: i64,
+    ) -> Result<Vec<DuePostback>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, command_id, url, body, sequence, attempts FROM postbacks \
+             WHERE state = $1 AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until <= $2) \
+             ORDER BY next_attempt_at, id LIMIT $3",
+        )
+        .bind(PENDING)
+        .bind(now.0)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(|row| {
+                Ok(DuePostback {
+                    id: parse_uuid(row.try_get("id")?)?,
+                    command_id: parse_uuid(row.try_get("command_id")?)?,
+                    url: row.try_get("url")?,
+                    body: row.try_get("body")?,
+                    sequence: row.try_get("sequence")?,
+                    attempts: row.try_get("attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Leases a due delivery until `until`, so no other sender (in this or
+    /// another process) sends it meanwhile. Returns false when it was taken.
+    pub async fn lease_postback(
+        &self,
+        id: Uuid,
+        now: Millis,
+        until: Millis,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE postbacks SET lease_until = $3 \
+             WHERE id = $1 AND state = $4 AND (lease_until IS NULL OR lease_until <= $2)",
+        )
+        .bind(id.to_string())
+        .bind(now.0)
+        .bind(until.0)
+        .bind(PENDING)
+        .execute(&self.writer)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Records one attempt and the delivery's new state: `next_attempt_at`
+    /// set means try again then; otherwise the delivery ends in `state`.
+    pub async fn record_postback_attempt(
+        &self,
+        id: Uuid,
+        attempt: &AttemptRecord,
+        next_attempt_at: Option<Millis>,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
+        sqlx::query(
+            "INSERT INTO postback_attempts (postback_id, attempt, at, status_code, outcome, error, duration_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(id.to_string())
+        .bind(attempt.attempt)
+        .bind(attempt.at.0)
+        .bind(attempt.status_code)
+        .bind(&attempt.outcome)
+        .bind(&attempt.error)
+        .bind(attempt.duration_ms)
+        .execute(&mut *tx)
+        .await?;
+        let finished_at = next_attempt_at.is_none().then_some(attempt.at.0);
+        sqlx::query(
+            "UPDATE postbacks SET attempts = $2, state = $3, next_attempt_at = COALESCE($4, next_attempt_at), \
+             lease_until = NULL, last_status = $5, last_error = $6, finished_at = $7 WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(attempt.attempt)
+        .bind(state)
+        .bind(next_attempt_at.map(|m| m.0))
+        .bind(attempt.status_code)
+        .bind(&attempt.error)
+        .bind(finished_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The state of the command's newest delivery, if it has any.
+    pub async fn postback_summary(
+        &self,
+        command_id: Uuid,
+    ) -> Result<Option<PostbackSummary>, StoreError> {
+        let row = sqlx::query(
+            "SELECT state, attempts, last_error FROM postbacks WHERE command_id = $1 \
+             ORDER BY created_at DESC, id DESC LIMIT 1",
+        )
+        .bind(command_id.to_string())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(|e| self.error(e))?;
+        row.map(|row| {
+            Ok(PostbackSummary {
+                state: row.try_get("state")?,
+                attempts: row.try_get("attempts")?,
+                last_error: row.try_get("last_error")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Every delivery of a command with its attempts, oldest first.
+    pub async fn postbacks_of(&self, command_id: Uuid) -> Result<Vec<PostbackRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, url, sequence, state, attempts, last_status, last_error, created_at, finished_at, \
+             next_attempt_at FROM postbacks WHERE command_id = $1 ORDER BY created_at, id",
+        )
+        .bind(command_id.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.error(e))?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id = parse_uuid(row.try_get("id")?)?;
+            let state: String = row.try_get("state")?;
+            let pending = state == PENDING;
+            records.push(PostbackRecord {
+                id,
+                url: row.try_get("url")?,
+                sequence: row.try_get("sequence")?,
+                attempts: row.try_get("attempts")?,
+                last_status: row.try_get("last_status")?,
+                last_error: row.try_get("last_error")?,
+                created_at: Millis(row.try_get("created_at")?),
+                finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(Millis),
+                next_attempt_at: pending
+                    .then(|| row.try_get("next_attempt_at").map(Millis))
+                    .transpose()?,
+                state,
+                attempt_log: self.attempts_of(id).await?,
+            });
+        }
+        Ok(records)
+    }
+
+    async fn attempts_of(&self, postback_id: Uuid) -> Result<Vec<AttemptRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT attempt, at, status_code, outcome, error, duration_ms FROM postback_attempts \
+             WHERE postback_id = $1 ORDER BY id",
+        )
+        .bind(postback_id.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(|row| {
+                Ok(AttemptRecord {
+                    attempt: row.try_get("attempt")?,
+                    at: Millis(row.try_get("at")?),
+                    status_code: row.try_get("status_code")?,
+                    outcome: row.try_get("outcome")?,
+                    error: row.try_get("error")?,
+                    duration_ms: row.try_get("duration_ms")?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn parse_uuid(text: String) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(&text).map_err(|error| StoreError::Corrupt(format!("id {text:?}: {error}")))
+}
