@@ -41,6 +41,10 @@ pub struct CommandMessage {
 pub struct StatusReport {
     #[serde(rename = "CommandId")]
     pub command_id: Uuid,
+    /// The device that sends the report; a report from any other device
+    /// than the command's is dropped.
+    #[serde(rename = "DeviceId")]
+    pub device_id: String,
     #[serde(rename = "Status")]
     pub status: String,
     #[serde(rename = "Error", default)]

@@ -148,6 +148,7 @@ impl Agent {
             }
             Some(JournalEntry::Started) => StatusReport {
                 command_id: message.id,
+                device_id: self.device.to_string(),
                 status: CommandStatus::ExecutionFailed.as_str().to_owned(),
                 error: Some(
                     "the agent stopped while this command ran; it was not run again, so that it runs at most once"
@@ -179,7 +180,7 @@ impl Agent {
             && at <= chrono::Utc::now()
         {
             tracing::info!(command_id = %id, %expiration, "command expired before it ran; not running it");
-            return report(
+            return self.report(
                 id,
                 CommandStatus::Expired,
                 Some(format!(
@@ -191,39 +192,44 @@ impl Agent {
 
         self.send_report(
             reply_to,
-            &report(id, CommandStatus::SentToTarget, None, None),
+            &self.report(id, CommandStatus::SentToTarget, None, None),
         )
         .await;
         if let Err(error) = self.journal_lock().record_started(id) {
             // Without the mark a crash could run the command twice, so the
             // agent does not run it.
             tracing::error!(command_id = %id, %error, "cannot record a started command in the journal");
-            return report(
+            return self.report(
                 id,
                 CommandStatus::ExecutionFailed,
                 Some(format!("the device could not write its journal: {error}")),
                 None,
             );
         }
-        self.send_report(reply_to, &report(id, CommandStatus::Executing, None, None))
-            .await;
+        self.send_report(
+            reply_to,
+            &self.report(id, CommandStatus::Executing, None, None),
+        )
+        .await;
 
         let request = match handler_request(message) {
             Ok(request) => request,
-            Err(error) => return report(id, CommandStatus::ExecutionFailed, Some(error), None),
+            Err(error) => {
+                return self.report(id, CommandStatus::ExecutionFailed, Some(error), None);
+            }
         };
         tracing::info!(command_id = %id, command_type = %request.command_type, app_service = ?request.app_service_name, "running command");
         // Commands are not interrupted on shutdown: the agent finishes the
         // one it holds (each handler has a timeout), then stops.
         match self.handlers.run(&request, &CancellationToken::new()).await {
             HandlerOutcome::Completed { response } => {
-                report(id, CommandStatus::Completed, None, response)
+                self.report(id, CommandStatus::Completed, None, response)
             }
             HandlerOutcome::Failed { error, response } => {
                 tracing::info!(command_id = %id, %error, "command failed");
-                report(id, CommandStatus::ExecutionFailed, Some(error), response)
+                self.report(id, CommandStatus::ExecutionFailed, Some(error), response)
             }
-            HandlerOutcome::Canceled => report(
+            HandlerOutcome::Canceled => self.report(
                 id,
                 CommandStatus::Canceled,
                 Some("the command was canceled while it ran".into()),
@@ -278,17 +284,22 @@ impl Agent {
     }
 }
 
-fn report(
-    id: Uuid,
-    status: CommandStatus,
-    error: Option<String>,
-    response: Option<serde_json::Value>,
-) -> StatusReport {
-    StatusReport {
-        command_id: id,
-        status: status.as_str().to_owned(),
-        error,
-        response_payload: response.and_then(|value| serde_json::value::to_raw_value(&value).ok()),
+impl Agent {
+    fn report(
+        &self,
+        id: Uuid,
+        status: CommandStatus,
+        error: Option<String>,
+        response: Option<serde_json::Value>,
+    ) -> StatusReport {
+        StatusReport {
+            command_id: id,
+            device_id: self.device.to_string(),
+            status: status.as_str().to_owned(),
+            error,
+            response_payload: response
+                .and_then(|value| serde_json::value::to_raw_value(&value).ok()),
+        }
     }
 }
 

@@ -34,7 +34,8 @@ pub async fn run(context: Arc<ServerContext>, shutdown: CancellationToken) {
                 status: CommandStatus::Expired,
                 error: Some("the command expired before the device ran it".into()),
                 response_payload: None,
-                source: "expiry",
+                source: "expiry".into(),
+                expected_device: None,
                 at: now,
             };
             apply_and_log(&context, &change).await;

@@ -19,7 +19,7 @@ pub use backoff::backoff_delay;
 
 use crate::api::{self, AppState};
 use crate::broker::Broker;
-use crate::domain::CommandStatus;
+use crate::domain::{CommandStatus, DeviceId};
 use crate::store::{Applied, StatusChange, Store};
 
 /// What the server-side workers share.
@@ -52,7 +52,7 @@ pub async fn apply_and_log(context: &ServerContext, change: &StatusChange) -> bo
                 command_id = %command.id,
                 device_id = %command.device_id,
                 status = %command.status,
-                source = change.source,
+                source = %change.source,
                 "command status changed"
             );
             if command.postback_uri.is_some() && context.posts_back(command.status) {
@@ -66,6 +66,15 @@ pub async fn apply_and_log(context: &ServerContext, change: &StatusChange) -> bo
                 status = %change.status,
                 %current,
                 "status change ignored: not a forward move"
+            );
+            true
+        }
+        Ok(Applied::WrongDevice { actual }) => {
+            tracing::warn!(
+                command_id = %change.command_id,
+                reported_by = ?change.expected_device.as_ref().map(DeviceId::as_str),
+                device_id = %actual,
+                "status report from another device than the command's dropped"
             );
             true
         }

@@ -141,7 +141,8 @@ async fn handle_rejected(
                 "the broker rejected the command message {attempts} times: {error}"
             )),
             response_payload: None,
-            source: "relay",
+            source: "relay".into(),
+            expected_device: None,
             at: now,
         };
         apply_and_log(context, &change).await;
@@ -172,7 +173,8 @@ async fn expire(context: &ServerContext, item: &OutboxItem) {
         status: CommandStatus::Expired,
         error: Some("the command expired before it was sent to the device".into()),
         response_payload: None,
-        source: "relay",
+        source: "relay".into(),
+        expected_device: None,
         at: Millis::now(),
     };
     apply_and_log(context, &change).await;

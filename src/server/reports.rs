@@ -11,7 +11,7 @@ use super::{ServerContext, apply_and_log};
 use crate::broker::{Delivery, REPORT_MESSAGE_TYPE};
 use crate::command::Millis;
 use crate::contract::StatusReport;
-use crate::domain::CommandStatus;
+use crate::domain::{CommandStatus, DeviceId};
 use crate::store::StatusChange;
 
 /// Reports taken from the broker ahead of processing; each is acked only
@@ -109,6 +109,8 @@ fn parse(delivery: &Delivery) -> Result<StatusChange, String> {
     let report: StatusReport = serde_json::from_slice(&delivery.body)
         .map_err(|error| format!("body is not a status report: {error}"))?;
     let status = CommandStatus::from_str(&report.status)?;
+    let device = DeviceId::parse(&report.device_id)
+        .map_err(|error| format!("DeviceId of the report is invalid: {error}"))?;
     if status == CommandStatus::Queued || status == CommandStatus::FailedToSend {
         return Err(format!("devices cannot report the status {status}"));
     }
@@ -117,7 +119,8 @@ fn parse(delivery: &Delivery) -> Result<StatusChange, String> {
         status,
         error: report.error,
         response_payload: report.response_payload.map(|raw| raw.get().to_owned()),
-        source: "agent",
+        source: format!("agent:{device}"),
+        expected_device: Some(device),
         at: Millis::now(),
     })
 }

@@ -3,7 +3,7 @@ use uuid::Uuid;
 
 use super::{Backend, Store, StoreError, command_from_row, parse_status};
 use crate::command::{Command, Millis, NewCommand};
-use crate::domain::CommandStatus;
+use crate::domain::{CommandStatus, DeviceId};
 
 /// A status a command should move to, and who says so.
 #[derive(Clone, Debug)]
@@ -13,8 +13,10 @@ pub struct StatusChange {
     pub error: Option<String>,
     /// JSON text.
     pub response_payload: Option<String>,
-    /// Who moved the command: `agent`, `relay`, `expiry` or `api`.
-    pub source: &'static str,
+    /// Who moved the command: `agent:<deviceId>`, `relay`, `expiry` or `api`.
+    pub source: String,
+    /// When set, the change applies only to a command of this device.
+    pub expected_device: Option<DeviceId>,
     pub at: Millis,
 }
 
@@ -27,6 +29,10 @@ pub enum Applied {
     /// status already reached), so nothing was written.
     Ignored {
         current: CommandStatus,
+    },
+    /// The command belongs to another device than the one reporting.
+    WrongDevice {
+        actual: DeviceId,
     },
     NotFound,
 }
@@ -147,6 +153,13 @@ impl Store {
             return Ok(Applied::NotFound);
         };
         let mut command = command_from_row(&row)?;
+        if let Some(expected) = &change.expected_device
+            && *expected != command.device_id
+        {
+            return Ok(Applied::WrongDevice {
+                actual: command.device_id,
+            });
+        }
         if !command.status.can_move_to(change.status) {
             return Ok(Applied::Ignored {
                 current: command.status,
@@ -179,7 +192,7 @@ impl Store {
             command.id,
             change.status,
             change.at,
-            change.source,
+            &change.source,
             change.error.as_deref(),
         )
         .await?;

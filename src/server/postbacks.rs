@@ -1,0 +1,219 @@
+//! The postback sender: delivers due webhook deliveries from the store,
+//! signs every attempt, and schedules retries.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use super::ServerContext;
+use crate::command::Millis;
+use crate::postback::client::{Attempt, Outcome, PostbackClient};
+use crate::postback::schedule::RetrySchedule;
+use crate::postback::signature::WebhookSecrets;
+use crate::store::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING};
+
+/// How often the sender looks for due deliveries when nothing wakes it,
+/// which is when scheduled retries fall due.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+pub struct SenderSettings {
+    pub secrets: WebhookSecrets,
+    pub schedule: RetrySchedule,
+    /// Deadline of one attempt, from connect to the end of the response.
+    pub attempt_timeout: Duration,
+    /// Attempts in flight at once, across all receivers.
+    pub max_in_flight: usize,
+    /// Attempts in flight at once to one receiver (scheme, host and port),
+    /// so that a slow or recovering receiver is neither flooded nor able to
+    /// take every slot from the others.
+    pub max_in_flight_per_host: usize,
+}
+
+pub async fn run(
+    context: Arc<ServerContext>,
+    client: PostbackClient,
+    settings: SenderSettings,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let settings = Arc::new(settings);
+    let mut tasks: JoinSet<String> = JoinSet::new();
+    let mut per_host: HashMap<String, usize> = HashMap::new();
+    loop {
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+
+        if tasks.len() < settings.max_in_flight {
+            start_due(&context, &client, &settings, &mut tasks, &mut per_host).await;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = &mut woken => {}
+            () = tokio::time::sleep(IDLE_POLL) => {}
+            Some(finished) = tasks.join_next(), if !tasks.is_empty() => release(&mut per_host, finished),
+        }
+    }
+    // Attempts in flight end within their deadline; let them record their
+    // outcome so that nothing is left leased and unrecorded.
+    while let Some(finished) = tasks.join_next().await {
+        release(&mut per_host, finished);
+    }
+    tracing::info!("postback sender stopped");
+}
+
+fn release(per_host: &mut HashMap<String, usize>, finished: Result<String, tokio::task::JoinError>) {
+    match finished {
+        Ok(host) => {
+            if let Some(count) = per_host.get_mut(&host) {
+                *count -= 1;
+                if *count == 0 {
+                    per_host.remove(&host);
+                }
+            }
+        }
+        Err(error) => tracing::error!(%error, "postback task failed"),
+    }
+}
+
+async fn start_due(
+    context: &Arc<ServerContext>,
+    client: &PostbackClient,
+    settings: &Arc<SenderSettings>,
+    tasks: &mut JoinSet<String>,
+    per_host: &mut HashMap<String, usize>,
+) {
+    let now = Millis::now();
+    // Read more than there are free slots, because rows of busy receivers
+    // are passed over.
+    let limit = i64::try_from(settings.max_in_flight * 4).unwrap_or(i64::MAX);
+    let due = match context.store.due_postbacks(now, limit).await {
+        Ok(due) => due,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read due postbacks");
+            return;
+        }
+    };
+    // The lease outlives the attempt's deadline with room to record the
+    // outcome; a sender that dies mid-attempt frees the row when it ends.
+    let lease_until = now.saturating_add(settings.attempt_timeout * 2 + Duration::from_secs(30));
+    for postback in due {
+        if tasks.len() >= settings.max_in_flight {
+            break;
+        }
+        let host = host_key(&postback.url);
+        if per_host.get(&host).copied().unwrap_or(0) >= settings.max_in_flight_per_host {
+            continue;
+        }
+        match context.store.lease_postback(postback.id, now, lease_until).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) => {
+                tracing::warn!(postback_id = %postback.id, %error, "cannot lease a postback");
+                continue;
+            }
+        }
+        *per_host.entry(host.clone()).or_default() += 1;
+        let (context, client, settings) = (context.clone(), client.clone(), settings.clone());
+        tasks.spawn(async move {
+            deliver(&context, &client, &settings, postback).await;
+            host
+        });
+    }
+}
+
+fn host_key(url: &str) -> String {
+    Url::parse(url)
+        .map(|url| format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0)))
+        .unwrap_or_default()
+}
+
+async fn deliver(context: &ServerContext, client: &PostbackClient, settings: &SenderSettings, postback: DuePostback) {
+    let attempt_number = postback.attempts + 1;
+    let started = Millis::now();
+    let webhook_id = postback.id.to_string();
+    let result = match Url::parse(&postback.url) {
+        Ok(url) => {
+            let timestamp = started.0 / 1000;
+            let headers = [
+                ("webhook-id", webhook_id.clone()),
+                ("webhook-timestamp", timestamp.to_string()),
+                ("webhook-signature", settings.secrets.sign(&webhook_id, timestamp, postback.body.as_bytes())),
+                ("webhook-sequence", postback.sequence.to_string()),
+            ];
+            client.send(&url, &headers, Bytes::from(postback.body.clone())).await
+        }
+        Err(error) => Attempt {
+            outcome: Outcome::Rejected,
+            status: None,
+            error: Some(format!("PostBackUri is not a valid URL: {error}")),
+            retry_after: None,
+            duration: Duration::ZERO,
+        },
+    };
+
+    let next = next_attempt_at(settings, &result, attempt_number, started);
+    let state = match (&result.outcome, next) {
+        (Outcome::Delivered, _) => DELIVERED,
+        (_, Some(_)) => PENDING,
+        (_, None) => FAILED,
+    };
+    let record = AttemptRecord {
+        attempt: attempt_number,
+        at: started,
+        status_code: result.status.map(i64::from),
+        outcome: outcome_name(&result.outcome).to_owned(),
+        error: result.error.clone(),
+        duration_ms: i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX),
+    };
+    log_attempt(&postback, &record, state, next);
+    if let Err(error) = context.store.record_postback_attempt(postback.id, &record, next, state).await {
+        tracing::error!(postback_id = %postback.id, %error, "cannot record a postback attempt; it will be sent again when its lease ends");
+    }
+}
+
+/// When to try again, or `None` when the delivery is over.
+fn next_attempt_at(settings: &SenderSettings, result: &Attempt, attempt_number: i64, now: Millis) -> Option<Millis> {
+    if result.outcome != Outcome::Retry {
+        return None;
+    }
+    let next = u32::try_from(attempt_number + 1).unwrap_or(u32::MAX);
+    settings
+        .schedule
+        .delay_before_attempt(next, result.retry_after, rand::random::<f64>())
+        .map(|delay| now.saturating_add(delay))
+}
+
+fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Retry => "retry",
+        Outcome::Gone => "gone",
+        Outcome::Rejected => "rejected",
+        Outcome::Refused => "refused",
+    }
+}
+
+fn log_attempt(postback: &DuePostback, record: &AttemptRecord, state: &str, next: Option<Millis>) {
+    let error = record.error.as_deref().unwrap_or_default();
+    match state {
+        DELIVERED => tracing::info!(
+            postback_id = %postback.id, command_id = %postback.command_id, attempt = record.attempt,
+            status = ?record.status_code, "postback delivered"
+        ),
+        PENDING => tracing::warn!(
+            postback_id = %postback.id, command_id = %postback.command_id, attempt = record.attempt,
+            status = ?record.status_code, error, retry_at = ?next.map(Millis::to_rfc3339), "postback attempt failed; will retry"
+        ),
+        _ => tracing::warn!(
+            postback_id = %postback.id, command_id = %postback.command_id, attempt = record.attempt,
+            status = ?record.status_code, error, outcome = %record.outcome, "postback failed for good"
+        ),
+    }
+}

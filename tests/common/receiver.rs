@@ -1,0 +1,157 @@
+//! A real webhook receiver on 127.0.0.1 that records what it gets and
+//! answers from a script, so tests can make it fail, stall or succeed.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::serve::Listener;
+use tokio::net::{TcpListener, TcpStream};
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("postback body is JSON")
+    }
+}
+
+/// What the receiver answers to one request.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    Status(u16),
+    /// A status with extra headers, such as Retry-After or Location.
+    WithHeaders(u16, Vec<(&'static str, String)>),
+    /// Never answers.
+    Hang,
+}
+
+#[derive(Clone, Default)]
+struct Shared {
+    received: Arc<Mutex<Vec<Received>>>,
+    script: Arc<Mutex<VecDeque<Reply>>>,
+    connections: Arc<AtomicUsize>,
+}
+
+pub struct Receiver {
+    pub url: String,
+    pub port: u16,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    /// Starts a receiver on 127.0.0.1 that answers 200 unless scripted.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let port = listener.local_addr().expect("address").port();
+        let shared = Shared::default();
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state(shared.clone());
+        let counting = CountingListener {
+            inner: listener,
+            connections: shared.connections.clone(),
+        };
+        let task = tokio::spawn(async move {
+            axum::serve(counting, app).await.expect("receiver serves");
+        });
+        Self {
+            url: format!("http://127.0.0.1:{port}/hooks/commands"),
+            port,
+            shared,
+            task,
+        }
+    }
+
+    /// Answers the next requests with `replies`, in order, then 200 again.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.shared.script.lock().unwrap().extend(replies);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.shared.received.lock().unwrap().len()
+    }
+
+    /// TCP connections accepted, whether or not a request followed.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn record(State(shared): State<Shared>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+    shared.received.lock().unwrap().push(Received {
+        path: uri.path().to_owned(),
+        headers,
+        body,
+        at: Instant::now(),
+    });
+    let reply = shared.script.lock().unwrap().pop_front().unwrap_or(Reply::Status(200));
+    match reply {
+        Reply::Status(code) => StatusCode::from_u16(code).expect("valid status").into_response(),
+        Reply::WithHeaders(code, headers) => {
+            let mut response = StatusCode::from_u16(code).expect("valid status").into_response();
+            for (name, value) in headers {
+                response.headers_mut().insert(name, value.parse().expect("header value"));
+            }
+            response
+        }
+        Reply::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::OK.into_response()
+        }
+    }
+}
+
+struct CountingListener {
+    inner: TcpListener,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Listener for CountingListener {
+    type Io = TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            if let Ok((stream, address)) = self.inner.accept().await {
+                self.connections.fetch_add(1, Ordering::SeqCst);
+                return (stream, address);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
