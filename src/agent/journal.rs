@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -67,9 +68,9 @@ pub enum JournalEntry {
 /// inside `tokio::task::spawn_blocking`, for example with the journal in an
 /// `Arc<std::sync::Mutex<Journal>>`.
 ///
-/// Only one process may use a journal at a time. `open` takes an exclusive
-/// lock on a `.lock` file next to the journal and holds it until the journal
-/// is dropped.
+/// Only one process may use a journal at a time. `open` waits up to 1 second
+/// for an exclusive lock on a `.lock` file next to the journal, and the
+/// journal holds that lock until it is dropped.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
@@ -422,6 +423,9 @@ fn annotate(error: io::Error, action: &str, path: &Path) -> io::Error {
     )
 }
 
+/// Maximum time that `open` waits for the journal's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// Exclusive lock on `<journal>.lock`, released when dropped. A separate
 /// file is locked because compaction replaces the journal file itself.
 #[derive(Debug)]
@@ -441,12 +445,27 @@ impl LockFile {
             .write(true)
             .open(&lock_path)
             .map_err(|error| annotate(error, "open the journal lock file", &lock_path))?;
-        lock_exclusive(&file).map_err(|error| {
+        // A child process that is forked while the lock is held shares the
+        // lock until it calls exec, which closes the close-on-exec
+        // descriptor. So a lock released a moment ago may still be busy
+        // briefly, and a short wait avoids failing on that.
+        let deadline = Instant::now() + LOCK_WAIT;
+        let locked = loop {
+            match lock_exclusive(&file) {
+                Err(error)
+                    if error.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                result => break result,
+            }
+        };
+        locked.map_err(|error| {
             if error.kind() == io::ErrorKind::WouldBlock {
                 io::Error::new(
                     io::ErrorKind::WouldBlock,
                     format!(
-                        "journal {} is in use by another process, which holds {}; \
+                        "journal {} is in use by another process, which has locked {}; \
                          stop it or give this agent its own journal path",
                         journal_path.display(),
                         lock_path.display()
