@@ -69,7 +69,10 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(broker: BrokerKind) -> Self {
-        let dir = tempfile::Builder::new().prefix("dispatcher-test").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("dispatcher-test")
+            .tempdir()
+            .expect("temp dir");
         let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
         let database_url = database_url(dir.path(), &prefix).await;
         Self {
@@ -113,7 +116,11 @@ impl TestEnv {
 
     /// Starts `dispatcher agent` for `device` over RabbitMQ.
     pub async fn agent(&self, device: &str, handlers: Option<&Path>) -> Process {
-        assert_eq!(self.broker, BrokerKind::Rabbit, "external agents need RabbitMQ");
+        assert_eq!(
+            self.broker,
+            BrokerKind::Rabbit,
+            "external agents need RabbitMQ"
+        );
         let mut args: Vec<String> = vec!["agent".into(), "--device".into(), device.into()];
         if let Some(handlers) = handlers {
             args.push("--handlers".into());
@@ -124,10 +131,16 @@ impl TestEnv {
 
     pub fn amqp_args(&self) -> Vec<(String, String)> {
         let mut vars = vec![
-            ("DISPATCHER_DATA_DIR".to_owned(), self.data_dir().display().to_string()),
+            (
+                "DISPATCHER_DATA_DIR".to_owned(),
+                self.data_dir().display().to_string(),
+            ),
             ("DISPATCHER_JWT_SECRET".to_owned(), JWT_SECRET.to_owned()),
             ("DISPATCHER_AMQP_PREFIX".to_owned(), self.prefix.clone()),
-            ("DISPATCHER_LOG".to_owned(), "info,command_dispatcher=debug".to_owned()),
+            (
+                "DISPATCHER_LOG".to_owned(),
+                "info,command_dispatcher=debug".to_owned(),
+            ),
         ];
         if self.broker == BrokerKind::Rabbit {
             vars.push(("DISPATCHER_AMQP_URL".to_owned(), amqp_url()));
@@ -140,10 +153,14 @@ impl TestEnv {
 /// database when DISPATCHER_TEST_STORE=postgres.
 async fn database_url(dir: &Path, prefix: &str) -> String {
     if std::env::var("DISPATCHER_TEST_STORE").as_deref() != Ok("postgres") {
-        return format!("sqlite://{}?mode=rwc", dir.join("dispatcher.sqlite").display());
+        return format!(
+            "sqlite://{}?mode=rwc",
+            dir.join("dispatcher.sqlite").display()
+        );
     }
-    let admin_url = std::env::var("DISPATCHER_TEST_POSTGRES_URL")
-        .expect("DISPATCHER_TEST_POSTGRES_URL is not set; run the tests through scripts/with-test-servers");
+    let admin_url = std::env::var("DISPATCHER_TEST_POSTGRES_URL").expect(
+        "DISPATCHER_TEST_POSTGRES_URL is not set; run the tests through scripts/with-test-servers",
+    );
     sqlx::any::install_default_drivers();
     let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin_url)
         .await
@@ -165,7 +182,9 @@ pub struct Process {
 
 impl Process {
     async fn spawn(env: &TestEnv, args: &[String], name: &str) -> Self {
-        let log = env.data_dir().join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
+        let log = env
+            .data_dir()
+            .join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_dispatcher"));
         command
@@ -222,9 +241,16 @@ impl Server {
         let mut lines = BufReader::new(stdout).lines();
         let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
-            .unwrap_or_else(|_| panic!("serve printed no address within 30 s; log: {}", process.log_text()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "serve printed no address within 30 s; log: {}",
+                    process.log_text()
+                )
+            })
             .expect("read stdout")
-            .unwrap_or_else(|| panic!("serve exited before listening; log: {}", process.log_text()));
+            .unwrap_or_else(|| {
+                panic!("serve exited before listening; log: {}", process.log_text())
+            });
         let base = first
             .strip_prefix("dispatcher listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
@@ -232,7 +258,10 @@ impl Server {
         Self {
             process,
             base,
-            http: reqwest::Client::builder().no_proxy().build().expect("client"),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client"),
             token: token_for("alice"),
         }
     }
@@ -271,12 +300,19 @@ impl Server {
     }
 
     /// Creates an `echo` command for `device` and returns its id.
-    pub async fn create_echo(&self, device: &str, payload: &Value, postback: Option<&str>) -> String {
+    pub async fn create_echo(
+        &self,
+        device: &str,
+        payload: &Value,
+        postback: Option<&str>,
+    ) -> String {
         let mut body = serde_json::json!({ "Type": "AppService", "AppServiceName": "echo", "Payload": payload });
         if let Some(url) = postback {
             body["PostBackUri"] = Value::String(url.to_owned());
         }
-        let response = self.post(&format!("/devices/{device}/commands"), &body.to_string()).await;
+        let response = self
+            .post(&format!("/devices/{device}/commands"), &body.to_string())
+            .await;
         assert_eq!(response.status, 201, "create failed: {}", response.text);
         response.json()["id"].as_str().expect("id").to_owned()
     }
@@ -284,19 +320,26 @@ impl Server {
     /// Polls the command until its status is final, or panics at the deadline.
     pub async fn wait_final(&self, id: &str, deadline: Duration) -> Value {
         let path = format!("/commands/{id}");
-        let mut last = Value::Null;
-        let reached = wait_until(deadline, || async {
-            last = self.get(&path).await.json();
-            is_final(last["Status"].as_str().unwrap_or_default())
-        })
-        .await;
-        assert!(reached, "command {id} not final within {deadline:?}; last seen: {last}");
-        last
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            let last = self.get(&path).await.json();
+            if is_final(last["Status"].as_str().unwrap_or_default()) {
+                return last;
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "command {id} not final within {deadline:?}; last seen: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 }
 
 pub fn is_final(status: &str) -> bool {
-    matches!(status, "completed" | "executionFailed" | "failedToSend" | "expired" | "canceled")
+    matches!(
+        status,
+        "completed" | "executionFailed" | "failedToSend" | "expired" | "canceled"
+    )
 }
 
 pub fn token_for(subject: &str) -> String {
@@ -321,11 +364,15 @@ impl Response {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|error| panic!("body is not JSON ({error}): {}", self.text))
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|error| panic!("body is not JSON ({error}): {}", self.text))
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).and_then(|value| value.to_str().ok()).map(str::to_owned)
+        self.headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
     }
 }
 

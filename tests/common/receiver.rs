@@ -63,7 +63,9 @@ pub struct Receiver {
 impl Receiver {
     /// Starts a receiver on 127.0.0.1 that answers 200 unless scripted.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
         let port = listener.local_addr().expect("address").port();
         let shared = Shared::default();
         let app = axum::Router::new()
@@ -109,20 +111,36 @@ impl Drop for Receiver {
     }
 }
 
-async fn record(State(shared): State<Shared>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn record(
+    State(shared): State<Shared>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     shared.received.lock().unwrap().push(Received {
         path: uri.path().to_owned(),
         headers,
         body,
         at: Instant::now(),
     });
-    let reply = shared.script.lock().unwrap().pop_front().unwrap_or(Reply::Status(200));
+    let reply = shared
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or(Reply::Status(200));
     match reply {
-        Reply::Status(code) => StatusCode::from_u16(code).expect("valid status").into_response(),
+        Reply::Status(code) => StatusCode::from_u16(code)
+            .expect("valid status")
+            .into_response(),
         Reply::WithHeaders(code, headers) => {
-            let mut response = StatusCode::from_u16(code).expect("valid status").into_response();
+            let mut response = StatusCode::from_u16(code)
+                .expect("valid status")
+                .into_response();
             for (name, value) in headers {
-                response.headers_mut().insert(name, value.parse().expect("header value"));
+                response
+                    .headers_mut()
+                    .insert(name, value.parse().expect("header value"));
             }
             response
         }
