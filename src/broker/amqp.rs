@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -113,7 +114,9 @@ impl AmqpBroker {
         match self.publish_once(message).await {
             // A device queue deleted behind our back: declare it again and
             // retry once, because the declaration cache was stale.
-            Err(BrokerError::Unroutable(Destination::Device(device))) => {
+            Err(BrokerError::Unroutable(
+                Destination::Device(device) | Destination::Control(device),
+            )) => {
                 {
                     let mut guard = self.inner.live.lock().await;
                     if let Some(live) = guard.as_mut() {
@@ -132,6 +135,10 @@ impl AmqpBroker {
                 self.inner.topology.commands_exchange(),
                 device.as_str().to_owned(),
             ),
+            Destination::Control(device) => (
+                self.inner.topology.control_exchange(),
+                device.as_str().to_owned(),
+            ),
             Destination::Queue(queue) => (String::new(), queue.clone()),
         };
 
@@ -142,7 +149,9 @@ impl AmqpBroker {
             let mut guard = self.inner.live.lock().await;
             let live = self.ensure_live(&mut guard).await?;
             let declared = match &message.destination {
-                Destination::Device(device) => self.declare_device_on(live, device).await,
+                Destination::Device(device) | Destination::Control(device) => {
+                    self.declare_device_on(live, device).await
+                }
                 Destination::Queue(_) => Ok(()),
             };
             let published = match declared {
@@ -194,6 +203,28 @@ impl AmqpBroker {
         self.forget_if_broken(&mut guard, result).await
     }
 
+    pub async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
+        let mut guard = self.inner.live.lock().await;
+        let live = self.ensure_live(&mut guard).await?;
+        // The publishing channel takes gets too: acks go back on the channel
+        // that delivered, and this one lives as long as the connection.
+        let result = live
+            .publisher
+            .basic_get(ShortString::from(queue), BasicGetOptions::default())
+            .await
+            .map_err(|error| classify(live, &error));
+        let message = self.forget_if_broken(&mut guard, result).await?;
+        Ok(message.map(|message| {
+            let delivery = message.delivery;
+            Delivery {
+                properties: from_basic_properties(&delivery.properties),
+                body: delivery.data,
+                redelivered: delivery.redelivered,
+                acker: Acker::Amqp(delivery.acker),
+            }
+        }))
+    }
+
     pub async fn close(&self) {
         if let Some(live) = self.inner.live.lock().await.take() {
             let _ = live
@@ -234,21 +265,23 @@ impl AmqpBroker {
             .await
             .map_err(|error| BrokerError::Unavailable(format!("cannot connect: {error}")))?;
         let publisher = open_confirm_channel(&connection).await?;
-        let exchange = self.inner.topology.commands_exchange();
-        publisher
-            .exchange_declare(
-                ShortString::from(exchange.as_str()),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|error| {
-                BrokerError::Rejected(format!("cannot declare exchange {exchange}: {error}"))
-            })?;
+        let topology = &self.inner.topology;
+        for exchange in [topology.commands_exchange(), topology.control_exchange()] {
+            publisher
+                .exchange_declare(
+                    ShortString::from(exchange.as_str()),
+                    ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|error| {
+                    BrokerError::Rejected(format!("cannot declare exchange {exchange}: {error}"))
+                })?;
+        }
         tracing::info!(
             connection = %self.inner.connection_name,
             "connected to RabbitMQ"
@@ -270,20 +303,25 @@ impl AmqpBroker {
             return Ok(());
         }
         let topology = &self.inner.topology;
-        let queue = topology.device_queue(device);
-        declare_queue(&live.publisher, &queue, topology.device_queue_arguments())
-            .await
-            .map_err(|error| classify(live, &error))?;
-        live.publisher
-            .queue_bind(
-                ShortString::from(queue.as_str()),
-                ShortString::from(topology.commands_exchange()),
-                ShortString::from(device.as_str()),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|error| classify(live, &error))?;
+        let pairs = [
+            (topology.device_queue(device), topology.commands_exchange()),
+            (topology.control_queue(device), topology.control_exchange()),
+        ];
+        for (queue, exchange) in pairs {
+            declare_queue(&live.publisher, &queue, topology.device_queue_arguments())
+                .await
+                .map_err(|error| classify(live, &error))?;
+            live.publisher
+                .queue_bind(
+                    ShortString::from(queue.as_str()),
+                    ShortString::from(exchange),
+                    ShortString::from(device.as_str()),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|error| classify(live, &error))?;
+        }
         live.declared_devices.insert(device.clone());
         Ok(())
     }

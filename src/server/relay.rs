@@ -12,9 +12,9 @@ use super::backoff::backoff_delay;
 use super::{ServerContext, apply_and_log};
 use crate::broker::{Broker, BrokerError};
 use crate::command::Millis;
-use crate::contract::command_message;
+use crate::contract::{cancel_message, command_message};
 use crate::domain::CommandStatus;
-use crate::store::{OutboxItem, StatusChange};
+use crate::store::{OUTBOX_CANCEL, OutboxItem, StatusChange};
 
 /// Rows taken per round; each round pipelines its publishes.
 const BATCH: i64 = 256;
@@ -81,7 +81,9 @@ async fn relay_once(context: &ServerContext) -> Result<usize, String> {
     let mut done = Vec::new();
     let mut to_publish = Vec::new();
     for item in batch {
-        if item.command.status != CommandStatus::Queued {
+        if item.kind == OUTBOX_CANCEL {
+            to_publish.push(item);
+        } else if item.command.status != CommandStatus::Queued {
             // Canceled or expired before it was published: nothing to send.
             done.push(item.outbox_id);
         } else if item.command.is_expired_at(now) {
@@ -96,10 +98,12 @@ async fn relay_once(context: &ServerContext) -> Result<usize, String> {
     // of one channel, so each device receives its commands in order.
     let topology = context.broker.topology();
     let results = join_all(to_publish.iter().map(|item| async {
-        context
-            .broker
-            .publish(&command_message(&item.command, topology))
-            .await
+        let message = if item.kind == OUTBOX_CANCEL {
+            cancel_message(item.command.id, &item.command.device_id)
+        } else {
+            command_message(&item.command, topology)
+        };
+        context.broker.publish(&message).await
     }))
     .await;
 
@@ -132,6 +136,15 @@ async fn handle_rejected(
 ) {
     let attempts = item.attempts + 1;
     let command_id = item.command.id;
+    if attempts >= MAX_REJECTED_ATTEMPTS && item.kind == OUTBOX_CANCEL {
+        // The command itself is unaffected; only the notice is lost, and the
+        // command then ends as its device reports.
+        tracing::error!(%command_id, attempts, %error, "cancel notice rejected for good; dropping it");
+        if let Err(store_error) = context.store.delete_outbox(&[item.outbox_id]).await {
+            tracing::error!(%command_id, error = %store_error, "cannot delete a rejected cancel notice");
+        }
+        return;
+    }
     if attempts >= MAX_REJECTED_ATTEMPTS {
         tracing::error!(%command_id, attempts, %error, "publish rejected for good; command failed to send");
         let change = StatusChange {

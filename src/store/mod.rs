@@ -15,6 +15,7 @@ macro_rules! command_columns {
     };
 }
 
+mod cancel;
 mod commands;
 mod outbox;
 mod postbacks;
@@ -27,6 +28,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
+pub use cancel::{CancelOutcome, OUTBOX_CANCEL, OUTBOX_COMMAND};
 pub use commands::{Applied, StatusChange, Transition};
 pub use outbox::OutboxItem;
 pub use postbacks::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING, PostbackRecord};
