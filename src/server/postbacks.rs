@@ -68,7 +68,10 @@ pub async fn run(
     tracing::info!("postback sender stopped");
 }
 
-fn release(per_host: &mut HashMap<String, usize>, finished: Result<String, tokio::task::JoinError>) {
+fn release(
+    per_host: &mut HashMap<String, usize>,
+    finished: Result<String, tokio::task::JoinError>,
+) {
     match finished {
         Ok(host) => {
             if let Some(count) = per_host.get_mut(&host) {
@@ -111,7 +114,11 @@ async fn start_due(
         if per_host.get(&host).copied().unwrap_or(0) >= settings.max_in_flight_per_host {
             continue;
         }
-        match context.store.lease_postback(postback.id, now, lease_until).await {
+        match context
+            .store
+            .lease_postback(postback.id, now, lease_until)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => continue,
             Err(error) => {
@@ -130,11 +137,23 @@ async fn start_due(
 
 fn host_key(url: &str) -> String {
     Url::parse(url)
-        .map(|url| format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0)))
+        .map(|url| {
+            format!(
+                "{}://{}:{}",
+                url.scheme(),
+                url.host_str().unwrap_or_default(),
+                url.port_or_known_default().unwrap_or(0)
+            )
+        })
         .unwrap_or_default()
 }
 
-async fn deliver(context: &ServerContext, client: &PostbackClient, settings: &SenderSettings, postback: DuePostback) {
+async fn deliver(
+    context: &ServerContext,
+    client: &PostbackClient,
+    settings: &SenderSettings,
+    postback: DuePostback,
+) {
     let attempt_number = postback.attempts + 1;
     let started = Millis::now();
     let webhook_id = postback.id.to_string();
@@ -144,10 +163,17 @@ async fn deliver(context: &ServerContext, client: &PostbackClient, settings: &Se
             let headers = [
                 ("webhook-id", webhook_id.clone()),
                 ("webhook-timestamp", timestamp.to_string()),
-                ("webhook-signature", settings.secrets.sign(&webhook_id, timestamp, postback.body.as_bytes())),
+                (
+                    "webhook-signature",
+                    settings
+                        .secrets
+                        .sign(&webhook_id, timestamp, postback.body.as_bytes()),
+                ),
                 ("webhook-sequence", postback.sequence.to_string()),
             ];
-            client.send(&url, &headers, Bytes::from(postback.body.clone())).await
+            client
+                .send(&url, &headers, Bytes::from(postback.body.clone()))
+                .await
         }
         Err(error) => Attempt {
             outcome: Outcome::Rejected,
@@ -173,13 +199,22 @@ async fn deliver(context: &ServerContext, client: &PostbackClient, settings: &Se
         duration_ms: i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX),
     };
     log_attempt(&postback, &record, state, next);
-    if let Err(error) = context.store.record_postback_attempt(postback.id, &record, next, state).await {
+    if let Err(error) = context
+        .store
+        .record_postback_attempt(postback.id, &record, next, state)
+        .await
+    {
         tracing::error!(postback_id = %postback.id, %error, "cannot record a postback attempt; it will be sent again when its lease ends");
     }
 }
 
 /// When to try again, or `None` when the delivery is over.
-fn next_attempt_at(settings: &SenderSettings, result: &Attempt, attempt_number: i64, now: Millis) -> Option<Millis> {
+fn next_attempt_at(
+    settings: &SenderSettings,
+    result: &Attempt,
+    attempt_number: i64,
+    now: Millis,
+) -> Option<Millis> {
     if result.outcome != Outcome::Retry {
         return None;
     }

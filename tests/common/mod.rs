@@ -207,9 +207,12 @@ impl Process {
         self.child.kill().await.expect("SIGKILL");
     }
 
-    /// Sends SIGTERM and waits for the exit.
+    /// Sends SIGTERM and waits for the exit; a process that already exited
+    /// is only waited for.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("process is running");
+        let Some(pid) = self.child.id() else {
+            return self.child.wait().await.expect("wait");
+        };
         std::process::Command::new("kill")
             .arg("-TERM")
             .arg(pid.to_string())
