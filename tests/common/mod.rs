@@ -64,7 +64,13 @@ pub struct TestEnv {
     pub prefix: String,
     pub broker: BrokerKind,
     pub database_url: String,
+    /// Flags that `serve` gets after the harness's own. Only for flags that
+    /// `serve_flags` does not contain, because clap rejects a single-value
+    /// flag given twice.
     pub extra_serve_args: Vec<String>,
+    /// Single-value flags and their values, passed to every `serve`. Change
+    /// one with [`TestEnv::set_serve_flag`].
+    serve_flags: Vec<(String, String)>,
 }
 
 impl TestEnv {
@@ -81,6 +87,16 @@ impl TestEnv {
             broker,
             database_url,
             extra_serve_args: Vec::new(),
+            serve_flags: default_serve_flags(),
+        }
+    }
+
+    /// Sets the value of a single-value `serve` flag, replacing the harness
+    /// default if there is one, for every later [`TestEnv::serve`].
+    pub fn set_serve_flag(&mut self, flag: &str, value: &str) {
+        match self.serve_flags.iter_mut().find(|(name, _)| name == flag) {
+            Some(entry) => entry.1 = value.to_owned(),
+            None => self.serve_flags.push((flag.to_owned(), value.to_owned())),
         }
     }
 
@@ -97,15 +113,11 @@ impl TestEnv {
             "127.0.0.1:0".into(),
             "--database-url".into(),
             self.database_url.clone(),
-            "--postback-allowed-networks".into(),
-            "127.0.0.0/8,::1/128".into(),
-            "--webhook-secrets".into(),
-            WEBHOOK_SECRET.into(),
-            "--postback-retry-delays".into(),
-            "200ms,400ms,800ms".into(),
-            "--postback-timeout".into(),
-            "2s".into(),
         ];
+        for (flag, value) in &self.serve_flags {
+            args.push(flag.clone());
+            args.push(value.clone());
+        }
         for agent in agents {
             args.push("--agent".into());
             args.push((*agent).into());
@@ -147,6 +159,21 @@ impl TestEnv {
         }
         vars
     }
+}
+
+/// Returns the postback flags every test starts with: loopback receivers
+/// allowed, the shared test secret, and retries and timeouts short enough
+/// for tests.
+fn default_serve_flags() -> Vec<(String, String)> {
+    [
+        ("--postback-allowed-networks", "127.0.0.0/8,::1/128"),
+        ("--webhook-secrets", WEBHOOK_SECRET),
+        ("--postback-retry-delays", "200ms,400ms,800ms"),
+        ("--postback-timeout", "2s"),
+    ]
+    .into_iter()
+    .map(|(flag, value)| (flag.to_owned(), value.to_owned()))
+    .collect()
 }
 
 /// A fresh database for one test: a SQLite file, or a new PostgreSQL
