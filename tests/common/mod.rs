@@ -44,7 +44,11 @@ pub fn rabbit_node() -> String {
 
 /// Runs `rabbitmqctl` against the test node and returns its stdout.
 pub fn rabbitmqctl(args: &[&str]) -> String {
+    let epmd_port = std::env::var("DISPATCHER_TEST_EPMD_PORT").expect(
+        "DISPATCHER_TEST_EPMD_PORT is not set; run the tests through scripts/with-test-servers (see README.md)",
+    );
     let output = std::process::Command::new("rabbitmqctl")
+        .env("ERL_EPMD_PORT", epmd_port)
         .arg("-n")
         .arg(rabbit_node())
         .args(args)
