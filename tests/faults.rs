@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use command_dispatcher::broker::{
@@ -13,105 +12,15 @@ use command_dispatcher::broker::{
 };
 use command_dispatcher::domain::DeviceId;
 use common::receiver::Receiver;
+use common::recording::{
+    assert_once_and_in_order, create, executions, postbacks_per_command, write_handlers,
+};
 use common::{BrokerKind, TestEnv, amqp_url, rabbitmqctl, wait_until};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 /// Fault tests stop the broker that every test of this file uses.
 static TURN: Mutex<()> = Mutex::const_new(());
-
-/// A handlers file whose `record` app service appends the payload to
-/// `executions.log` (one line per run) and answers null, and whose `slow`
-/// app service records its start, then sleeps before answering.
-fn write_handlers(dir: &Path) -> (PathBuf, PathBuf) {
-    let log = dir.join("executions.log");
-    let handlers = dir.join("handlers.toml");
-    let text = format!(
-        r#"
-[[app_service]]
-name = "record"
-program = "/bin/sh"
-args = ["-c", "printf '%s\n' \"$(cat)\" >> \"$EXECUTIONS\"; echo null"]
-env = {{ EXECUTIONS = "{log}" }}
-
-[[app_service]]
-name = "slow"
-program = "/bin/sh"
-args = ["-c", "printf '%s\n' \"$(cat)\" >> \"$EXECUTIONS\"; sleep 3; echo null"]
-env = {{ EXECUTIONS = "{log}" }}
-"#,
-        log = log.display()
-    );
-    std::fs::write(&handlers, text).expect("write handlers file");
-    (handlers, log)
-}
-
-/// Every payload the handlers saw, in the order they ran.
-fn executions(log: &Path) -> Vec<Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| serde_json::from_str(line).expect("execution log line is JSON"))
-        .collect()
-}
-
-async fn create(
-    server: &common::Server,
-    app_service: &str,
-    device: &str,
-    index: usize,
-    postback: Option<&str>,
-) -> String {
-    let body = json!({
-        "Type": "AppService",
-        "AppServiceName": app_service,
-        "Payload": { "device": device, "index": index },
-        "PostBackUri": postback,
-    });
-    let response = server
-        .post(&format!("/devices/{device}/commands"), &body.to_string())
-        .await;
-    assert_eq!(
-        response.status, 201,
-        "create {device}#{index}: {}",
-        response.text
-    );
-    response.json()["id"].as_str().unwrap().to_owned()
-}
-
-/// Checks that every (device, index) ran exactly once and each device ran
-/// its commands in creation order.
-fn assert_once_and_in_order(executions: &[Value], expected: usize) {
-    let mut per_device: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for execution in executions {
-        per_device
-            .entry(execution["device"].as_str().unwrap().to_owned())
-            .or_default()
-            .push(execution["index"].as_u64().unwrap());
-    }
-    let total: usize = per_device.values().map(Vec::len).sum();
-    assert_eq!(
-        total, expected,
-        "executions seen by the handler: {per_device:?}"
-    );
-    for (device, indexes) in &per_device {
-        assert!(
-            indexes.windows(2).all(|pair| pair[0] < pair[1]),
-            "device {device} ran out of order or twice: {indexes:?}"
-        );
-    }
-}
-
-fn postbacks_per_command(receiver: &Receiver) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for request in receiver.received() {
-        *counts
-            .entry(request.json()["id"].as_str().unwrap().to_owned())
-            .or_default() += 1;
-    }
-    counts
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_outage_loses_nothing() {

@@ -17,11 +17,13 @@ macro_rules! command_columns {
 
 mod cancel;
 mod commands;
+mod leader;
 mod outbox;
 mod postbacks;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -30,6 +32,7 @@ use uuid::Uuid;
 
 pub use cancel::{CancelOutcome, OUTBOX_CANCEL, OUTBOX_COMMAND};
 pub use commands::{Applied, StatusChange, Transition};
+pub use leader::{OUTBOX_CHANNEL, RelayLeadership};
 pub use outbox::OutboxItem;
 pub use postbacks::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING, PostbackRecord};
 
@@ -82,6 +85,9 @@ pub struct Store {
     writer: AnyPool,
     reader: AnyPool,
     acquire_timeout: Duration,
+    /// Kept for connections outside the pools: the relay's leadership lock
+    /// and its `LISTEN` connection on PostgreSQL.
+    url: Arc<str>,
 }
 
 impl Store {
@@ -109,6 +115,7 @@ impl Store {
                     writer,
                     reader,
                     acquire_timeout: settings.acquire_timeout,
+                    url: url.into(),
                 }
             }
             Backend::Postgres => {
@@ -122,6 +129,7 @@ impl Store {
                     writer: pool.clone(),
                     reader: pool,
                     acquire_timeout: settings.acquire_timeout,
+                    url: url.into(),
                 }
             }
         };
