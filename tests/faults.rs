@@ -355,3 +355,131 @@ async fn closed_connection_is_reopened() {
     let ready = server.get("/health/ready").await;
     assert_eq!(ready.status, 200, "{}", ready.text);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conflicting_queue_fails_one_device_only() {
+    let _turn = TURN.lock().await;
+    let env = TestEnv::new(BrokerKind::Rabbit).await;
+    let (handlers, log) = write_handlers(env.data_dir());
+    let receiver = Receiver::start().await;
+    let server = env.serve(&[]).await;
+    let _agent = env.agent("healthy", Some(&handlers)).await;
+
+    // Someone else declared the device's queue with other arguments, so
+    // every declaration of ours is refused with PRECONDITION_FAILED.
+    let connection =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            format!("{}.device.conflict", env.prefix).into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare the conflicting queue");
+
+    let doomed = create(&server, "record", "conflict", 0, Some(&receiver.url)).await;
+    let mut healthy = Vec::new();
+    for index in 0..10 {
+        healthy.push(create(&server, "record", "healthy", index, Some(&receiver.url)).await);
+    }
+    for id in &healthy {
+        assert_eq!(
+            server.wait_final(id, Duration::from_secs(20)).await["Status"],
+            "completed"
+        );
+    }
+    let failed = server.wait_final(&doomed, Duration::from_secs(60)).await;
+    println!(
+        "conflicting device ended {} with error {}; {} healthy commands completed",
+        failed["Status"],
+        failed["Error"],
+        healthy.len()
+    );
+    assert_eq!(failed["Status"], "failedToSend");
+    assert!(
+        failed["Error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("PRECONDITION_FAILED"),
+        "{failed}"
+    );
+    assert_once_and_in_order(&executions(&log), 10);
+    let _ = connection.close(200, "test done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopped_agent_finishes_its_command() {
+    let _turn = TURN.lock().await;
+    let env = TestEnv::new(BrokerKind::Rabbit).await;
+    let (handlers, log) = write_handlers(env.data_dir());
+    let server = env.serve(&[]).await;
+    let mut agent = env.agent("graceful", Some(&handlers)).await;
+
+    let running = create(&server, "slow", "graceful", 0, None).await;
+    let waiting = create(&server, "record", "graceful", 1, None).await;
+    let executing = wait_until(Duration::from_secs(20), || async {
+        server.get(&format!("/commands/{running}")).await.json()["Status"] == "executing"
+    })
+    .await;
+    assert!(executing, "the slow command never started");
+    let status = agent.terminate().await;
+
+    let done = server.get(&format!("/commands/{running}")).await.json();
+    let queued = server.get(&format!("/commands/{waiting}")).await.json();
+    println!(
+        "agent exited with {status}; running command {}, next command {}",
+        done["Status"], queued["Status"]
+    );
+    assert!(status.success(), "agent exit status {status}");
+    assert_eq!(
+        done["Status"], "completed",
+        "the running command was finished before the exit"
+    );
+    assert_eq!(
+        queued["Status"], "queued",
+        "no new command was taken after SIGTERM"
+    );
+
+    let _agent = env.agent("graceful", Some(&handlers)).await;
+    assert_eq!(
+        server.wait_final(&waiting, Duration::from_secs(20)).await["Status"],
+        "completed"
+    );
+    assert_once_and_in_order(&executions(&log), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopped_server_exits_cleanly_and_resumes() {
+    let _turn = TURN.lock().await;
+    let env = TestEnv::new(BrokerKind::Rabbit).await;
+    let (handlers, log) = write_handlers(env.data_dir());
+    let mut server = env.serve(&[]).await;
+    let _agent = env.agent("resume", Some(&handlers)).await;
+    let mut ids = Vec::new();
+    for index in 0..20 {
+        ids.push(create(&server, "record", "resume", index, None).await);
+    }
+    let started = std::time::Instant::now();
+    let status = server.process.terminate().await;
+    println!(
+        "serve exited with {status} {:?} after SIGTERM",
+        started.elapsed()
+    );
+    assert!(status.success(), "serve exit status {status}");
+
+    let server = env.serve(&[]).await;
+    for id in &ids {
+        assert_eq!(
+            server.wait_final(id, Duration::from_secs(30)).await["Status"],
+            "completed"
+        );
+    }
+    assert_once_and_in_order(&executions(&log), 20);
+}
