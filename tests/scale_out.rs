@@ -186,3 +186,59 @@ async fn quorum_queues_keep_the_contract() {
         "device queue is not a quorum queue: {queues}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exhausted_pool_answers_503() {
+    let mut env = TestEnv::with_store(BrokerKind::Memory, true).await;
+    env.extra_serve_args = [
+        "--database-max-connections",
+        "1",
+        "--database-acquire-timeout",
+        "1ms",
+    ]
+    .map(String::from)
+    .to_vec();
+    let server = env.serve(&["pool-0"]).await;
+    let mut tasks = Vec::new();
+    for index in 0..64 {
+        let client = server.client.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = serde_json::json!({ "Type": "AppService", "AppServiceName": "echo", "Payload": { "index": index } });
+            client.post("/devices/pool-0/commands", &body.to_string()).await
+        }));
+    }
+    let mut statuses = BTreeMap::new();
+    let mut busy_message = None;
+    for task in tasks {
+        let response = task.await.unwrap();
+        if response.status == 503 {
+            assert_eq!(response.header("retry-after").as_deref(), Some("1"));
+            busy_message = Some(response.json()["error"].clone());
+        }
+        *statuses.entry(response.status).or_insert(0) += 1;
+    }
+    println!(
+        "statuses of 64 creates on one pooled connection: {statuses:?}; 503 body: {busy_message:?}"
+    );
+    assert!(
+        statuses
+            .keys()
+            .all(|status| *status == 201 || *status == 503),
+        "{statuses:?}"
+    );
+    let busy = busy_message.expect("at least one request found the pool exhausted");
+    assert_eq!(busy["code"], "serviceNotAvailable");
+    assert!(
+        busy["message"]
+            .as_str()
+            .unwrap()
+            .contains("database is busy"),
+        "{busy}"
+    );
+    assert!(
+        server
+            .process
+            .log_text()
+            .contains("database connection pool exhausted")
+    );
+}

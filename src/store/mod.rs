@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use uuid::Uuid;
 
 pub use cancel::{CancelOutcome, OUTBOX_CANCEL, OUTBOX_COMMAND};
@@ -105,11 +105,15 @@ impl Store {
             );
         };
 
+        // Migrations run on a connection of their own before the pools open,
+        // so that a short acquire timeout meant for requests cannot fail the
+        // start, and a wrong URL fails here with a clear error.
+        migrate(url, backend).await?;
+
         let store = match backend {
             Backend::Sqlite => {
-                let writer = sqlite_pool(url, 1, settings.acquire_timeout).await?;
-                let reader =
-                    sqlite_pool(url, settings.max_connections, settings.acquire_timeout).await?;
+                let writer = sqlite_pool(url, 1, settings.acquire_timeout)?;
+                let reader = sqlite_pool(url, settings.max_connections, settings.acquire_timeout)?;
                 Self {
                     backend,
                     writer,
@@ -122,8 +126,7 @@ impl Store {
                 let pool = AnyPoolOptions::new()
                     .max_connections(settings.max_connections)
                     .acquire_timeout(settings.acquire_timeout)
-                    .connect(url)
-                    .await?;
+                    .connect_lazy(url)?;
                 Self {
                     backend,
                     writer: pool.clone(),
@@ -133,7 +136,6 @@ impl Store {
                 }
             }
         };
-        store.migrate().await?;
         Ok(store)
     }
 
@@ -147,15 +149,6 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         self.backend
-    }
-
-    async fn migrate(&self) -> anyhow::Result<()> {
-        let migrator = match self.backend {
-            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
-            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
-        };
-        migrator.run(&self.writer).await?;
-        Ok(())
     }
 
     /// Checks that the database answers a query.
@@ -180,7 +173,18 @@ impl Store {
     }
 }
 
-async fn sqlite_pool(url: &str, size: u32, acquire_timeout: Duration) -> anyhow::Result<AnyPool> {
+async fn migrate(url: &str, backend: Backend) -> anyhow::Result<()> {
+    let migrator = match backend {
+        Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+        Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+    };
+    let mut connection = AnyConnection::connect(url).await?;
+    migrator.run(&mut connection).await?;
+    connection.close().await?;
+    Ok(())
+}
+
+fn sqlite_pool(url: &str, size: u32, acquire_timeout: Duration) -> anyhow::Result<AnyPool> {
     let pool = AnyPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(acquire_timeout)
@@ -200,8 +204,7 @@ async fn sqlite_pool(url: &str, size: u32, acquire_timeout: Duration) -> anyhow:
                 Ok(())
             })
         })
-        .connect(url)
-        .await?;
+        .connect_lazy(url)?;
     Ok(pool)
 }
 
