@@ -2,7 +2,6 @@
 //! relay, report worker, expiry sweeper, postback sender), and optionally
 //! in-process agents, all stopped by one cancellation token.
 
-mod backoff;
 mod expiry;
 mod postbacks;
 mod relay;
@@ -16,7 +15,6 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use backoff::backoff_delay;
 pub use postbacks::SenderSettings;
 
 use crate::api::{self, AppState};
