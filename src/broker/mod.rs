@@ -221,7 +221,7 @@ impl Broker {
         }
     }
 
-    /// Whether the broker answers now; opens a connection if none is open.
+    /// Checks that the broker is reachable now, opening a connection if none is open.
     pub async fn check_ready(&self) -> Result<(), BrokerError> {
         match self {
             Self::Amqp(broker) => broker.check_ready().await,

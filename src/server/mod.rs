@@ -34,7 +34,7 @@ pub struct ServerContext {
 }
 
 impl ServerContext {
-    /// Whether a change to `status` creates a postback delivery.
+    /// Returns whether a change to `status` creates a postback delivery.
     pub fn posts_back(&self, status: CommandStatus) -> bool {
         self.postback_every_transition || status.is_final()
     }

@@ -33,7 +33,7 @@ async fn handle(context: &ServerContext, delivery: Delivery) {
         Ok(change) => change,
         Err(reason) => {
             // A report that cannot be read now never can: drop it so that it
-            // cannot loop, and say why once.
+            // cannot loop, and log why once.
             tracing::warn!(
                 message_id = ?delivery.properties.message_id,
                 error = %reason,
