@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -40,7 +41,10 @@ pub struct AmqpBroker {
 }
 
 struct Inner {
-    uri: Result<AMQPUri, String>,
+    /// The cluster's nodes, tried in turn, or why the URL list is invalid.
+    uris: Result<Vec<AMQPUri>, String>,
+    /// Index into `uris` of the node to try next.
+    next_node: AtomicUsize,
     topology: Topology,
     connection_name: String,
     live: Mutex<Option<Live>>,
@@ -50,6 +54,10 @@ struct Inner {
 struct Live {
     connection: Connection,
     publisher: Channel,
+    /// Takes declarations and gets. RabbitMQ closes a channel whose
+    /// declaration conflicts with an existing queue; on this channel that
+    /// costs the one declaration, not the publishes in flight.
+    declarer: Channel,
     /// Device queues declared on this connection, so each is declared once
     /// per connection rather than once per message.
     declared_devices: HashSet<DeviceId>,
@@ -67,19 +75,27 @@ impl fmt::Debug for AmqpBroker {
 }
 
 impl AmqpBroker {
-    pub fn new(url: &str, topology: Topology, connection_name: &str) -> Self {
-        let uri = url
-            .parse::<AMQPUri>()
-            .map(|mut uri| {
-                if uri.query.heartbeat.is_none() {
-                    uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECONDS);
+    /// Creates a broker for `urls`: one AMQP URL, or several separated by
+    /// commas for the nodes of a cluster. A connection goes to one node, and
+    /// after a failure the next connection tries the next node.
+    pub fn new(urls: &str, topology: Topology, connection_name: &str) -> Self {
+        let uris = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(parse_uri)
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|uris| {
+                if uris.is_empty() {
+                    Err("the AMQP URL is empty".to_owned())
+                } else {
+                    Ok(uris)
                 }
-                uri
-            })
-            .map_err(|error| format!("invalid AMQP URL: {error}"));
+            });
         Self {
             inner: Arc::new(Inner {
-                uri,
+                uris,
+                next_node: AtomicUsize::new(0),
                 topology,
                 connection_name: connection_name.to_owned(),
                 live: Mutex::new(None),
@@ -206,10 +222,11 @@ impl AmqpBroker {
     pub async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
         let mut guard = self.inner.live.lock().await;
         let live = self.ensure_live(&mut guard).await?;
-        // The publishing channel takes gets too: acks go back on the channel
-        // that delivered, and this one lives as long as the connection.
+        // Acks go back on the channel that delivered; if the declaring
+        // channel is replaced meanwhile, the ack fails and the message
+        // comes back, which cancel notices tolerate.
         let result = live
-            .publisher
+            .declarer
             .basic_get(ShortString::from(queue), BasicGetOptions::default())
             .await
             .map_err(|error| classify(live, &error));
@@ -246,28 +263,28 @@ impl AmqpBroker {
         if !usable {
             *guard = None;
             *guard = Some(self.connect().await?);
-        } else if let Some(live) = guard.as_mut()
-            && !live.publisher.status().connected()
-        {
-            // The broker closed only the publishing channel (for example over
-            // a message above its size limit): replace the channel, keep the
-            // connection.
-            live.publisher = open_confirm_channel(&live.connection).await?;
+        } else if let Some(live) = guard.as_mut() {
+            // The broker closed a channel but not the connection (a message
+            // over its size limit, a deleted exchange, a conflicting queue):
+            // replace the channel, and declare everything again, because
+            // what was declared may be what went missing.
+            if !live.publisher.status().connected() {
+                live.publisher = open_confirm_channel(&live.connection).await?;
+                self.declare_exchanges(&live.publisher).await?;
+                live.declared_devices.clear();
+                live.reports_declared = false;
+            }
+            if !live.declarer.status().connected() {
+                live.declarer = open_channel(&live.connection).await?;
+            }
         }
         Ok(guard.as_mut().expect("connection was opened above"))
     }
 
-    async fn connect(&self) -> Result<Live, BrokerError> {
-        let uri = self.inner.uri.clone().map_err(BrokerError::Unavailable)?;
-        let properties = ConnectionProperties::default()
-            .with_connection_name(self.inner.connection_name.clone().into());
-        let connection = Connection::connect_uri(uri, properties)
-            .await
-            .map_err(|error| BrokerError::Unavailable(format!("cannot connect: {error}")))?;
-        let publisher = open_confirm_channel(&connection).await?;
+    async fn declare_exchanges(&self, channel: &Channel) -> Result<(), BrokerError> {
         let topology = &self.inner.topology;
         for exchange in [topology.commands_exchange(), topology.control_exchange()] {
-            publisher
+            channel
                 .exchange_declare(
                     ShortString::from(exchange.as_str()),
                     ExchangeKind::Direct,
@@ -282,13 +299,39 @@ impl AmqpBroker {
                     BrokerError::Rejected(format!("cannot declare exchange {exchange}: {error}"))
                 })?;
         }
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<Live, BrokerError> {
+        let uris = self
+            .inner
+            .uris
+            .as_ref()
+            .map_err(|error| BrokerError::Unavailable(error.clone()))?;
+        // Every attempt moves on to the next node, so after a node fails the
+        // reconnect goes to another one.
+        let node = self.inner.next_node.fetch_add(1, Ordering::Relaxed) % uris.len();
+        let uri = uris[node].clone();
+        let address = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let properties = ConnectionProperties::default()
+            .with_connection_name(self.inner.connection_name.clone().into());
+        let connection = Connection::connect_uri(uri, properties)
+            .await
+            .map_err(|error| {
+                BrokerError::Unavailable(format!("cannot connect to {address}: {error}"))
+            })?;
+        let publisher = open_confirm_channel(&connection).await?;
+        let declarer = open_channel(&connection).await?;
+        self.declare_exchanges(&publisher).await?;
         tracing::info!(
             connection = %self.inner.connection_name,
+            node = %address,
             "connected to RabbitMQ"
         );
         Ok(Live {
             connection,
             publisher,
+            declarer,
             declared_devices: HashSet::new(),
             reports_declared: false,
         })
@@ -308,10 +351,10 @@ impl AmqpBroker {
             (topology.control_queue(device), topology.control_exchange()),
         ];
         for (queue, exchange) in pairs {
-            declare_queue(&live.publisher, &queue, topology.device_queue_arguments())
+            declare_queue(&live.declarer, &queue, topology.device_queue_arguments())
                 .await
                 .map_err(|error| classify(live, &error))?;
-            live.publisher
+            live.declarer
                 .queue_bind(
                     ShortString::from(queue.as_str()),
                     ShortString::from(exchange),
@@ -332,7 +375,7 @@ impl AmqpBroker {
         }
         let topology = &self.inner.topology;
         declare_queue(
-            &live.publisher,
+            &live.declarer,
             &topology.reports_queue(),
             topology.reports_queue_arguments(),
         )
@@ -361,11 +404,27 @@ impl AmqpBroker {
     }
 }
 
-async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
-    let channel = connection
+/// Parses one AMQP URL, adding the default heartbeat when it sets none. The
+/// error never repeats the URL, which may carry a password.
+fn parse_uri(url: &str) -> Result<AMQPUri, String> {
+    let mut uri = url
+        .parse::<AMQPUri>()
+        .map_err(|error| format!("invalid AMQP URL: {error}"))?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECONDS);
+    }
+    Ok(uri)
+}
+
+async fn open_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    connection
         .create_channel()
         .await
-        .map_err(|error| BrokerError::Unavailable(format!("cannot open a channel: {error}")))?;
+        .map_err(|error| BrokerError::Unavailable(format!("cannot open a channel: {error}")))
+}
+
+async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = open_channel(connection).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
