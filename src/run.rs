@@ -51,7 +51,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let store = Store::connect(&database_url, &pool)
         .await
         .context("cannot open the database")?;
-    let broker = broker_from(&args.broker, "dispatcher serve")?;
+    let broker = broker_from(
+        &args.broker,
+        &format!("dispatcher serve ({})", args.broker.amqp_prefix),
+    )?;
 
     let state = AppState {
         store: store.clone(),
@@ -151,7 +154,10 @@ pub async fn agent(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Resu
         "dispatcher agent needs --amqp-url (or DISPATCHER_AMQP_URL); with the in-process broker, run agents inside serve with --agent {device}"
     );
     let handlers = load_handlers(args.handlers.as_deref())?;
-    let broker = broker_from(&args.broker, &format!("dispatcher agent {device}"))?;
+    let broker = broker_from(
+        &args.broker,
+        &format!("dispatcher agent {device} ({})", args.broker.amqp_prefix),
+    )?;
     let settings = AgentSettings {
         journal_path: journal_path(&args.common.data_dir, &device),
         device,

@@ -50,6 +50,10 @@ struct Inner {
 struct Live {
     connection: Connection,
     publisher: Channel,
+    /// Takes declarations and gets. RabbitMQ closes a channel whose
+    /// declaration conflicts with an existing queue; on this channel that
+    /// costs the one declaration, not the publishes in flight.
+    declarer: Channel,
     /// Device queues declared on this connection, so each is declared once
     /// per connection rather than once per message.
     declared_devices: HashSet<DeviceId>,
@@ -206,10 +210,11 @@ impl AmqpBroker {
     pub async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
         let mut guard = self.inner.live.lock().await;
         let live = self.ensure_live(&mut guard).await?;
-        // The publishing channel takes gets too: acks go back on the channel
-        // that delivered, and this one lives as long as the connection.
+        // Acks go back on the channel that delivered; if the declaring
+        // channel is replaced meanwhile, the ack fails and the message
+        // comes back, which cancel notices tolerate.
         let result = live
-            .publisher
+            .declarer
             .basic_get(ShortString::from(queue), BasicGetOptions::default())
             .await
             .map_err(|error| classify(live, &error));
@@ -246,28 +251,28 @@ impl AmqpBroker {
         if !usable {
             *guard = None;
             *guard = Some(self.connect().await?);
-        } else if let Some(live) = guard.as_mut()
-            && !live.publisher.status().connected()
-        {
-            // The broker closed only the publishing channel (for example over
-            // a message above its size limit): replace the channel, keep the
-            // connection.
-            live.publisher = open_confirm_channel(&live.connection).await?;
+        } else if let Some(live) = guard.as_mut() {
+            // The broker closed a channel but not the connection (a message
+            // over its size limit, a deleted exchange, a conflicting queue):
+            // replace the channel, and declare everything again, because
+            // what was declared may be what went missing.
+            if !live.publisher.status().connected() {
+                live.publisher = open_confirm_channel(&live.connection).await?;
+                self.declare_exchanges(&live.publisher).await?;
+                live.declared_devices.clear();
+                live.reports_declared = false;
+            }
+            if !live.declarer.status().connected() {
+                live.declarer = open_channel(&live.connection).await?;
+            }
         }
         Ok(guard.as_mut().expect("connection was opened above"))
     }
 
-    async fn connect(&self) -> Result<Live, BrokerError> {
-        let uri = self.inner.uri.clone().map_err(BrokerError::Unavailable)?;
-        let properties = ConnectionProperties::default()
-            .with_connection_name(self.inner.connection_name.clone().into());
-        let connection = Connection::connect_uri(uri, properties)
-            .await
-            .map_err(|error| BrokerError::Unavailable(format!("cannot connect: {error}")))?;
-        let publisher = open_confirm_channel(&connection).await?;
+    async fn declare_exchanges(&self, channel: &Channel) -> Result<(), BrokerError> {
         let topology = &self.inner.topology;
         for exchange in [topology.commands_exchange(), topology.control_exchange()] {
-            publisher
+            channel
                 .exchange_declare(
                     ShortString::from(exchange.as_str()),
                     ExchangeKind::Direct,
@@ -282,6 +287,19 @@ impl AmqpBroker {
                     BrokerError::Rejected(format!("cannot declare exchange {exchange}: {error}"))
                 })?;
         }
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<Live, BrokerError> {
+        let uri = self.inner.uri.clone().map_err(BrokerError::Unavailable)?;
+        let properties = ConnectionProperties::default()
+            .with_connection_name(self.inner.connection_name.clone().into());
+        let connection = Connection::connect_uri(uri, properties)
+            .await
+            .map_err(|error| BrokerError::Unavailable(format!("cannot connect: {error}")))?;
+        let publisher = open_confirm_channel(&connection).await?;
+        let declarer = open_channel(&connection).await?;
+        self.declare_exchanges(&publisher).await?;
         tracing::info!(
             connection = %self.inner.connection_name,
             "connected to RabbitMQ"
@@ -289,6 +307,7 @@ impl AmqpBroker {
         Ok(Live {
             connection,
             publisher,
+            declarer,
             declared_devices: HashSet::new(),
             reports_declared: false,
         })
@@ -308,10 +327,10 @@ impl AmqpBroker {
             (topology.control_queue(device), topology.control_exchange()),
         ];
         for (queue, exchange) in pairs {
-            declare_queue(&live.publisher, &queue, topology.device_queue_arguments())
+            declare_queue(&live.declarer, &queue, topology.device_queue_arguments())
                 .await
                 .map_err(|error| classify(live, &error))?;
-            live.publisher
+            live.declarer
                 .queue_bind(
                     ShortString::from(queue.as_str()),
                     ShortString::from(exchange),
@@ -332,7 +351,7 @@ impl AmqpBroker {
         }
         let topology = &self.inner.topology;
         declare_queue(
-            &live.publisher,
+            &live.declarer,
             &topology.reports_queue(),
             topology.reports_queue_arguments(),
         )
@@ -361,11 +380,15 @@ impl AmqpBroker {
     }
 }
 
-async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
-    let channel = connection
+async fn open_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    connection
         .create_channel()
         .await
-        .map_err(|error| BrokerError::Unavailable(format!("cannot open a channel: {error}")))?;
+        .map_err(|error| BrokerError::Unavailable(format!("cannot open a channel: {error}")))
+}
+
+async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = open_channel(connection).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await

@@ -21,6 +21,8 @@ use crate::store::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING};
 /// How often the sender looks for due deliveries when nothing wakes it,
 /// which is when scheduled retries fall due.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Time past an attempt's deadline for recording its outcome.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 pub struct SenderSettings {
     pub secrets: WebhookSecrets,
@@ -105,7 +107,10 @@ async fn start_due(
     };
     // The lease outlives the attempt's deadline with room to record the
     // outcome; a sender that dies mid-attempt frees the row when it ends.
-    let lease_until = now.saturating_add(settings.attempt_timeout * 2 + Duration::from_secs(30));
+    // Attempts never wait for a slot in the client, because this loop keeps
+    // to the per-host cap that `run::serve` also gives the client, so the
+    // deadline bounds the whole attempt.
+    let lease_until = now.saturating_add(settings.attempt_timeout + LEASE_MARGIN);
     for postback in due {
         if tasks.len() >= settings.max_in_flight {
             break;

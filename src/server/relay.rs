@@ -8,13 +8,13 @@ use futures_util::future::join_all;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::backoff::backoff_delay;
 use super::{ServerContext, apply_and_log};
+use crate::backoff::backoff_delay;
 use crate::broker::{Broker, BrokerError};
 use crate::command::Millis;
 use crate::contract::{cancel_message, command_message};
 use crate::domain::CommandStatus;
-use crate::store::{OUTBOX_CANCEL, OutboxItem, StatusChange};
+use crate::store::{OUTBOX_CANCEL, OutboxItem, RelayLeadership, StatusChange};
 
 /// Rows taken per round; each round pipelines its publishes.
 const BATCH: i64 = 256;
@@ -24,12 +24,15 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Publishes the broker refused (not merely could not take) before the
 /// command ends `failedToSend`.
 const MAX_REJECTED_ATTEMPTS: i64 = 5;
+/// How often a standby relay checks whether the active one went away.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(context: Arc<ServerContext>, wake: Arc<Notify>, shutdown: CancellationToken) {
     if let Broker::Memory(_) = context.broker {
         republish_unfinished(&context).await;
     }
     let mut outage_attempt = 0u32;
+    let mut leadership: Option<RelayLeadership> = None;
     loop {
         // Register for a wake-up before reading, so a commit that lands
         // during the read is not missed.
@@ -37,6 +40,12 @@ pub async fn run(context: Arc<ServerContext>, wake: Arc<Notify>, shutdown: Cance
         tokio::pin!(woken);
         woken.as_mut().enable();
 
+        let Some(leader) = lead(&context, &mut leadership).await else {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(STANDBY_POLL) => continue,
+            }
+        };
         let pause = match relay_once(&context).await {
             Ok(0) => {
                 outage_attempt = 0;
@@ -60,10 +69,36 @@ pub async fn run(context: Arc<ServerContext>, wake: Arc<Notify>, shutdown: Cance
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = &mut woken => {}
+            () = leader.notified() => {}
             () = tokio::time::sleep(pause) => {}
         }
     }
     tracing::info!("outbox relay stopped");
+}
+
+/// Returns the leadership this relay holds, taking it when free. A process
+/// without it stands by and tries again every [`STANDBY_POLL`].
+async fn lead<'a>(
+    context: &ServerContext,
+    leadership: &'a mut Option<RelayLeadership>,
+) -> Option<&'a mut RelayLeadership> {
+    if let Some(held) = leadership
+        && !held.still_held().await
+    {
+        tracing::warn!("lost the relay leadership; standing by");
+        *leadership = None;
+    }
+    if leadership.is_none() {
+        match context.store.try_lead_relay().await {
+            Ok(Some(taken)) => {
+                tracing::info!("this process now runs the outbox relay");
+                *leadership = Some(taken);
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "cannot take the relay leadership"),
+        }
+    }
+    leadership.as_mut()
 }
 
 /// Publishes one batch; returns how many rows it handled, or why it stopped.

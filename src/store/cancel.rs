@@ -59,6 +59,7 @@ impl Store {
             .bind(OUTBOX_CANCEL)
             .execute(&mut *tx)
             .await?;
+        self.notify_outbox(&mut tx).await?;
         tx.commit().await?;
 
         let command = Box::new(command);

@@ -99,6 +99,7 @@ impl Store {
             .bind(now.0)
             .execute(&mut *tx)
             .await?;
+        self.notify_outbox(&mut tx).await?;
         tx.commit().await?;
         Ok(command)
     }
