@@ -99,6 +99,9 @@ impl Deployment {
             .tempdir()
             .context("cannot create a temporary directory")?;
         let prefix = context.unique_name("p");
+        // On stderr, so that an interrupted run can be cleaned up with
+        // --delete-prefix.
+        eprintln!("  starting a server with prefix={prefix}");
         let database = Database::fresh(
             context.store,
             context.postgres_url.as_deref(),

@@ -38,6 +38,9 @@ use crate::report::Report;
 async fn main() -> anyhow::Result<()> {
     let options = Options::parse();
     let scale = options.scale();
+    if let Some(prefix) = &options.delete_prefix {
+        return delete_leftovers(&options.amqp_url()?, prefix, scale.many_devices).await;
+    }
     let postgres_url = match options.store {
         StoreKind::Postgres => Some(options.postgres_url()?),
         StoreKind::Sqlite => None,
@@ -49,10 +52,11 @@ async fn main() -> anyhow::Result<()> {
         Receiver::start().await?,
     )?;
     println!(
-        "# dispatch benchmark: {} mode, store {:?}, run {}\n",
+        "# dispatch benchmark: {} mode, store {:?}, run {}, load average at start {}\n",
         if options.quick { "quick" } else { "full" },
         options.store,
-        context.run_id
+        context.run_id,
+        load_average()
     );
     let started = Instant::now();
     let mut report = Report::default();
@@ -99,8 +103,34 @@ async fn main() -> anyhow::Result<()> {
     report.print_summary();
     let (repeats, unreadable) = context.receiver.anomalies();
     println!(
-        "\nRun took {:.0} s; the receiver saw {repeats} repeated postbacks and {unreadable} unreadable bodies.",
-        started.elapsed().as_secs_f64()
+        "\nRun took {:.0} s; load average at the end {}; the receiver saw {repeats} repeated postbacks and {unreadable} unreadable bodies.",
+        started.elapsed().as_secs_f64(),
+        load_average()
     );
     Ok(())
+}
+
+/// Deletes what an interrupted run left on the broker under `prefix`.
+async fn delete_leftovers(amqp_url: &str, prefix: &str, devices: usize) -> anyhow::Result<()> {
+    let admin = broker_admin::BrokerAdmin::connect(amqp_url, prefix).await?;
+    let deleted = admin
+        .delete_topology(&deployment::device_ids(devices))
+        .await;
+    admin.close().await;
+    deleted?;
+    println!("deleted the queues of {devices} devices and the exchanges under {prefix}");
+    Ok(())
+}
+
+/// Returns the 1, 5 and 15 minute load averages, which show whether other
+/// work shared the machine with the run.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|error| format!("(unreadable: {error})"))
 }

@@ -56,6 +56,12 @@ pub struct Options {
     #[arg(long, default_value_t = 200)]
     pub history_sample: usize,
 
+    /// Delete the queues and exchanges that an interrupted run left under
+    /// this AMQP prefix (printed on stderr as `prefix=`), for as many
+    /// devices as --many-devices, then exit.
+    #[arg(long, value_name = "PREFIX")]
+    pub delete_prefix: Option<String>,
+
     /// Passed by `cargo bench` to every bench target; ignored.
     #[arg(long, hide = true)]
     pub bench: bool,

@@ -23,6 +23,23 @@ const SINGLE_DEVICE_WORKERS: usize = 8;
 /// Maximum wait for the relay to publish every created command.
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(300);
 
+/// Runs `body` on a fresh deployment and tears the deployment down whether
+/// or not `body` succeeded, so that a failed phase leaves nothing behind on
+/// the shared broker.
+async fn in_deployment<T>(
+    context: &RunContext,
+    devices: usize,
+    payload: usize,
+    body: impl AsyncFnOnce(&mut Deployment) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut deployment = Deployment::start(context, devices, payload).await?;
+    let result = body(&mut deployment).await;
+    let finished = deployment.finish().await;
+    let value = result?;
+    finished?;
+    Ok(value)
+}
+
 /// Measures the raw limits for one payload size.
 pub async fn raw(
     context: &RunContext,
@@ -127,7 +144,13 @@ async fn warm_up(
         "warm-up creates failed: {}",
         outcome.first_error.clone().unwrap_or_default()
     );
-    deployment.wait_outbox_empty(PUBLISH_DEADLINE).await?;
+    anyhow::ensure!(
+        deployment
+            .wait_outbox_empty(PUBLISH_DEADLINE)
+            .await?
+            .is_some(),
+        "the relay did not publish the warm-up commands within {PUBLISH_DEADLINE:?}"
+    );
     Ok(outcome)
 }
 
@@ -138,36 +161,42 @@ pub async fn create(
     scale: &Scale,
     payload: usize,
 ) -> anyhow::Result<LoopFigures> {
-    let deployment = Deployment::start(context, scale.devices, payload).await?;
-    warm_up(context, &deployment, scale, false).await?;
-    let sampler = deployment.sample_backlog(context).await?;
-    let before = deployment.snapshot()?;
-    let outcome = closed_loop(
-        &deployment.api,
-        &deployment.devices,
-        scale.create_workers,
-        scale.create_commands,
-        scale.phase_time,
-        None,
+    in_deployment(
+        context,
+        scale.devices,
+        payload,
+        async |deployment: &mut Deployment| {
+            warm_up(context, deployment, scale, false).await?;
+            let sampler = deployment.sample_backlog(context).await?;
+            let before = deployment.snapshot()?;
+            let outcome = closed_loop(
+                &deployment.api,
+                &deployment.devices,
+                scale.create_workers,
+                scale.create_commands,
+                scale.phase_time,
+                None,
+            )
+            .await;
+            let after = deployment.snapshot()?;
+            let mut figures = LoopFigures::new(
+                format!(
+                    "create only, {} devices, {payload} B, {} clients",
+                    scale.devices, scale.create_workers
+                ),
+                deployment.devices.len(),
+                &outcome,
+                before,
+                after,
+            );
+            figures.backlog = Some(sampler.stop().await?);
+            figures.print();
+            let published = deployment.wait_outbox_empty(PUBLISH_DEADLINE).await?;
+            print_publish_rate(&outcome, published);
+            Ok(figures)
+        },
     )
-    .await;
-    let after = deployment.snapshot()?;
-    let mut figures = LoopFigures::new(
-        format!(
-            "create only, {} devices, {payload} B, {} clients",
-            scale.devices, scale.create_workers
-        ),
-        deployment.devices.len(),
-        &outcome,
-        before,
-        after,
-    );
-    figures.backlog = Some(sampler.stop().await?);
-    figures.print();
-    let published = deployment.wait_outbox_empty(PUBLISH_DEADLINE).await?;
-    print_publish_rate(&outcome, published);
-    deployment.finish().await?;
-    Ok(figures)
+    .await
 }
 
 fn print_publish_rate(outcome: &LoopOutcome, published: Option<Instant>) {
@@ -199,9 +228,9 @@ pub async fn end_to_end(
     scale: &Scale,
     payload: usize,
 ) -> anyhow::Result<EndToEnd> {
-    let mut deployment = Deployment::start(context, scale.devices, payload).await?;
+    in_deployment(context, scale.devices, payload, async |deployment: &mut Deployment| {
     deployment.start_agents(context).await?;
-    warm_up(context, &deployment, scale, true).await?;
+    warm_up(context, deployment, scale, true).await?;
 
     let clock = Clock::now();
     let sampler = deployment.sample_backlog(context).await?;
@@ -277,13 +306,14 @@ pub async fn end_to_end(
         clock,
     )
     .await?;
-    deployment.finish().await?;
     Ok(EndToEnd {
         closed,
         open,
         closed_stages,
         open_stages,
     })
+    })
+    .await
 }
 
 /// End-to-end closed loop over one device with its agent.
@@ -292,35 +322,38 @@ pub async fn single_device(
     scale: &Scale,
     payload: usize,
 ) -> anyhow::Result<LoopFigures> {
-    let mut deployment = Deployment::start(context, 1, payload).await?;
-    deployment.start_agents(context).await?;
-    warm_up(context, &deployment, scale, true).await?;
-    let sampler = deployment.sample_backlog(context).await?;
-    let before = deployment.snapshot()?;
-    let mut outcome = closed_loop(
-        &deployment.api,
-        &deployment.devices,
-        SINGLE_DEVICE_WORKERS,
-        scale.e2e_commands,
-        scale.phase_time,
-        Some(&context.receiver),
-    )
-    .await;
-    outcome
-        .collect_postbacks(&context.receiver, scale.drain_time)
+    in_deployment(context, 1, payload, async |deployment: &mut Deployment| {
+        deployment.start_agents(context).await?;
+        warm_up(context, deployment, scale, true).await?;
+        let sampler = deployment.sample_backlog(context).await?;
+        let before = deployment.snapshot()?;
+        let mut outcome = closed_loop(
+            &deployment.api,
+            &deployment.devices,
+            SINGLE_DEVICE_WORKERS,
+            scale.e2e_commands,
+            scale.phase_time,
+            Some(&context.receiver),
+        )
         .await;
-    let after = deployment.snapshot()?;
-    let mut figures = LoopFigures::new(
-        format!("end to end, closed loop, 1 device, {payload} B, {SINGLE_DEVICE_WORKERS} clients"),
-        deployment.devices.len(),
-        &outcome,
-        before,
-        after,
-    );
-    figures.backlog = Some(sampler.stop().await?);
-    figures.print();
-    deployment.finish().await?;
-    Ok(figures)
+        outcome
+            .collect_postbacks(&context.receiver, scale.drain_time)
+            .await;
+        let after = deployment.snapshot()?;
+        let mut figures = LoopFigures::new(
+            format!(
+                "end to end, closed loop, 1 device, {payload} B, {SINGLE_DEVICE_WORKERS} clients"
+            ),
+            deployment.devices.len(),
+            &outcome,
+            before,
+            after,
+        );
+        figures.backlog = Some(sampler.stop().await?);
+        figures.print();
+        Ok(figures)
+    })
+    .await
 }
 
 /// Create-only closed loop over `scale.many_devices` devices without
@@ -330,66 +363,72 @@ pub async fn many_devices(
     scale: &Scale,
     payload: usize,
 ) -> anyhow::Result<ManyDevices> {
-    let deployment = Deployment::start(context, scale.many_devices, payload).await?;
-    let before = deployment.snapshot()?;
-    let warm = warm_up(context, &deployment, scale, false).await?;
-    let published = Instant::now();
-    let after = deployment.snapshot()?;
-    let warmup = LoopFigures::new(
-        format!(
-            "warm-up: one create per device, {} devices, {payload} B, {} clients",
-            scale.many_devices, scale.create_workers
-        ),
-        deployment.devices.len(),
-        &warm,
-        before,
-        after,
-    );
-    warmup.print();
-    let first = warm.samples.iter().map(|s| s.sent).min();
-    let warmup_published_after = first.map(|first| published - first);
-    if let Some(elapsed) = warmup_published_after {
-        println!(
-            "    relay     declared {} devices' queues and published in {:.2} s",
-            scale.many_devices,
-            elapsed.as_secs_f64()
-        );
-    }
-
-    let sampler = deployment.sample_backlog(context).await?;
-    let before = deployment.snapshot()?;
-    let outcome = closed_loop(
-        &deployment.api,
-        &deployment.devices,
-        scale.create_workers,
-        scale.create_commands,
-        scale.phase_time,
-        None,
-    )
-    .await;
-    let after = deployment.snapshot()?;
-    let mut measured = LoopFigures::new(
-        format!(
-            "create only, {} devices with live queues, {payload} B, {} clients",
-            scale.many_devices, scale.create_workers
-        ),
-        deployment.devices.len(),
-        &outcome,
-        before,
-        after,
-    );
-    measured.backlog = Some(sampler.stop().await?);
-    measured.print();
-    let published = deployment.wait_outbox_empty(PUBLISH_DEADLINE).await?;
-    print_publish_rate(&outcome, published);
-    deployment.finish().await?;
-    Ok(ManyDevices {
-        devices: scale.many_devices,
+    in_deployment(
+        context,
+        scale.many_devices,
         payload,
-        warmup,
-        warmup_published_after,
-        measured,
-    })
+        async |deployment: &mut Deployment| {
+            let before = deployment.snapshot()?;
+            let warm = warm_up(context, deployment, scale, false).await?;
+            let published = Instant::now();
+            let after = deployment.snapshot()?;
+            let warmup = LoopFigures::new(
+                format!(
+                    "warm-up: one create per device, {} devices, {payload} B, {} clients",
+                    scale.many_devices, scale.create_workers
+                ),
+                deployment.devices.len(),
+                &warm,
+                before,
+                after,
+            );
+            warmup.print();
+            let first = warm.samples.iter().map(|s| s.sent).min();
+            let warmup_published_after = first.map(|first| published - first);
+            if let Some(elapsed) = warmup_published_after {
+                println!(
+                    "    relay     declared {} devices' queues and published in {:.2} s",
+                    scale.many_devices,
+                    elapsed.as_secs_f64()
+                );
+            }
+
+            let sampler = deployment.sample_backlog(context).await?;
+            let before = deployment.snapshot()?;
+            let outcome = closed_loop(
+                &deployment.api,
+                &deployment.devices,
+                scale.create_workers,
+                scale.create_commands,
+                scale.phase_time,
+                None,
+            )
+            .await;
+            let after = deployment.snapshot()?;
+            let mut measured = LoopFigures::new(
+                format!(
+                    "create only, {} devices with live queues, {payload} B, {} clients",
+                    scale.many_devices, scale.create_workers
+                ),
+                deployment.devices.len(),
+                &outcome,
+                before,
+                after,
+            );
+            measured.backlog = Some(sampler.stop().await?);
+            measured.print();
+            let published = deployment.wait_outbox_empty(PUBLISH_DEADLINE).await?;
+            print_publish_rate(&outcome, published);
+            Ok(ManyDevices {
+                devices: scale.many_devices,
+                payload,
+                warmup,
+                warmup_published_after,
+                measured,
+            })
+        },
+    )
+    .await
 }
 
 /// Queues `scale.memory_commands` commands for offline devices, reads the
@@ -399,7 +438,7 @@ pub async fn memory(
     scale: &Scale,
     payload: usize,
 ) -> anyhow::Result<MemoryFigures> {
-    let mut deployment = Deployment::start(context, scale.memory_devices, payload).await?;
+    in_deployment(context, scale.memory_devices, payload, async |deployment: &mut Deployment| {
     // The server's own background work (relay, sender and expiry polls)
     // over a few idle seconds.
     let idle_start = deployment.snapshot()?;
@@ -470,7 +509,6 @@ pub async fn memory(
         settled.rss_mib(),
         settled.peak_rss_mib()
     );
-    deployment.finish().await?;
     Ok(MemoryFigures {
         payload,
         commands: outcome.samples.len(),
@@ -485,4 +523,6 @@ pub async fn memory(
         after_drain,
         settled,
     })
+    })
+    .await
 }
