@@ -15,7 +15,10 @@ macro_rules! command_columns {
     };
 }
 
+mod cancel_stub;
 mod commands;
+mod create;
+mod listing;
 mod outbox;
 mod postbacks;
 
@@ -27,7 +30,10 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
+pub use cancel_stub::CancelOutcome;
 pub use commands::{Applied, StatusChange, Transition};
+pub use create::{CreateOptions, Created, IdempotencyRecord};
+pub use listing::{Cursor, ListQuery, ListScope};
 pub use outbox::OutboxItem;
 pub use postbacks::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING, PostbackRecord};
 
