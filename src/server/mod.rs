@@ -1,9 +1,11 @@
 //! `dispatcher serve`: the HTTP API plus the server-side workers (outbox
-//! relay, report worker, expiry sweeper, postback sender), and optionally
-//! in-process agents, all stopped by one cancellation token.
+//! relay, report worker, expiry sweeper, idempotency-key sweeper, postback
+//! sender), and optionally in-process agents, all stopped by one
+//! cancellation token.
 
 mod backoff;
 mod expiry;
+mod idempotency_sweep;
 mod relay;
 mod reports;
 
@@ -114,6 +116,7 @@ impl Service {
             )),
             Box::pin(reports::run(context.clone(), shutdown.clone())),
             Box::pin(expiry::run(context.clone(), shutdown.clone())),
+            Box::pin(idempotency_sweep::run(context.clone(), shutdown.clone())),
         ]
     }
 
