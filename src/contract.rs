@@ -106,10 +106,10 @@ pub fn report_message(report: &StatusReport, reply_to: &str) -> OutgoingMessage 
     }
 }
 
-/// Builds a cancel notice for a running command on `device`.
+/// Builds a cancel notice for `device`'s control queue.
 pub fn cancel_message(command_id: Uuid, device: &DeviceId) -> OutgoingMessage {
     OutgoingMessage {
-        destination: Destination::Device(device.clone()),
+        destination: Destination::Control(device.clone()),
         properties: MessageProperties {
             message_id: Some(Uuid::new_v4().to_string()),
             correlation_id: Some(command_id.to_string()),

@@ -13,10 +13,13 @@ use crate::agent::runner::{self, AgentSettings};
 use crate::api::AppState;
 use crate::api::auth::JwtKeys;
 use crate::broker::{Broker, Topology};
-use crate::cli::{AgentArgs, BrokerArgs, ServeArgs, TokenArgs};
+use crate::cli::{AgentArgs, BrokerArgs, ServeArgs, TokenArgs, read_or_create_secret};
 use crate::domain::DeviceId;
 use crate::net::address::AllowedNetworks;
-use crate::server::{ServerContext, Service};
+use crate::postback::client::{ClientConfig, PostbackClient};
+use crate::postback::schedule::RetrySchedule;
+use crate::postback::signature::{WebhookSecrets, generate_secret};
+use crate::server::{SenderSettings, ServerContext, Service};
 use crate::store::{PoolSettings, Store};
 
 /// `dispatcher serve`.
@@ -48,7 +51,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let store = Store::connect(&database_url, &pool)
         .await
         .context("cannot open the database")?;
-    let broker = broker_from(&args.broker, "dispatcher serve")?;
+    let broker = broker_from(
+        &args.broker,
+        &format!("dispatcher serve ({})", args.broker.amqp_prefix),
+    )?;
 
     let state = AppState {
         store: store.clone(),
@@ -67,7 +73,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         postback_wake: state.postback_wake.clone(),
         postback_every_transition: args.postback_every_transition,
     });
-    let mut workers = Service::server_workers(&context, &state, &shutdown);
+    let postbacks = postback_sender(&args, &state.allowed_networks)?;
+    let mut workers = Service::server_workers(&context, &state, postbacks, &shutdown);
     for device in agents {
         let settings = AgentSettings {
             journal_path: journal_path(data_dir, &device),
@@ -100,6 +107,46 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     .await
 }
 
+/// The webhook client and sender settings from the serve flags; generates
+/// a signing secret into the data directory when none is configured.
+fn postback_sender(
+    args: &ServeArgs,
+    allowed: &AllowedNetworks,
+) -> anyhow::Result<(PostbackClient, SenderSettings)> {
+    let secrets_text = match &args.webhook_secrets {
+        Some(list) => list.clone(),
+        None => read_or_create_secret(
+            &args.common.data_dir.join("webhook-secret"),
+            generate_secret,
+        )?,
+    };
+    let secrets = WebhookSecrets::parse(&secrets_text)
+        .map_err(|error| anyhow::anyhow!("invalid webhook secrets: {error}"))?;
+    let schedule = match &args.postback_retry_delays {
+        Some(list) => RetrySchedule::parse(list)
+            .map_err(|error| anyhow::anyhow!("invalid --postback-retry-delays: {error}"))?,
+        None => RetrySchedule::default(),
+    };
+    let mut config = ClientConfig::new(allowed.clone());
+    config.attempt_timeout = args.postback_timeout;
+    config.per_host_concurrency = POSTBACKS_PER_HOST;
+    let client =
+        PostbackClient::try_new(config).context("cannot build the postback HTTP client")?;
+    let settings = SenderSettings {
+        secrets,
+        schedule,
+        attempt_timeout: args.postback_timeout,
+        max_in_flight: POSTBACKS_IN_FLIGHT,
+        max_in_flight_per_host: POSTBACKS_PER_HOST,
+    };
+    Ok((client, settings))
+}
+
+/// Postback attempts in flight at once, across all receivers.
+const POSTBACKS_IN_FLIGHT: usize = 64;
+/// Postback attempts in flight at once to one receiver.
+const POSTBACKS_PER_HOST: usize = 4;
+
 /// `dispatcher agent`.
 pub async fn agent(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let device = DeviceId::parse(&args.device)
@@ -109,7 +156,10 @@ pub async fn agent(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Resu
         "dispatcher agent needs --amqp-url (or DISPATCHER_AMQP_URL); with the in-process broker, run agents inside serve with --agent {device}"
     );
     let handlers = load_handlers(args.handlers.as_deref())?;
-    let broker = broker_from(&args.broker, &format!("dispatcher agent {device}"))?;
+    let broker = broker_from(
+        &args.broker,
+        &format!("dispatcher agent {device} ({})", args.broker.amqp_prefix),
+    )?;
     let settings = AgentSettings {
         journal_path: journal_path(&args.common.data_dir, &device),
         device,

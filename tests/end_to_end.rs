@@ -331,6 +331,30 @@ async fn me_routes_hide_other_users_commands(broker: BrokerKind) {
     assert_eq!(wrong_device.status, 404);
 }
 
+async fn concurrent_creates_all_succeed(broker: BrokerKind) {
+    let deployment = Deployment::start(broker, &["busy-1"]).await;
+    let client = deployment.server.client.clone();
+    let mut tasks = Vec::new();
+    for index in 0..64 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({ "Type": "AppService", "AppServiceName": "echo", "Payload": { "index": index } });
+            client.post("/devices/busy-1/commands", &body.to_string()).await
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for task in tasks {
+        let response = task.await.unwrap();
+        assert!(!response.text.contains("locked"), "{}", response.text);
+        *statuses.entry(response.status).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses.get(&201),
+        Some(&64),
+        "statuses of 64 concurrent creates: {statuses:?}"
+    );
+}
+
 /// Status values are final when the test polls them.
 #[test]
 fn final_statuses_are_recognised() {
@@ -386,6 +410,11 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread")]
             async fn missing_token() {
                 missing_token_is_unauthorized($broker).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn concurrent_creates() {
+                concurrent_creates_all_succeed($broker).await;
             }
 
             #[tokio::test(flavor = "multi_thread")]

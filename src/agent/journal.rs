@@ -9,6 +9,7 @@
 //! ```text
 //! {"state":"started","id":"0190c2a4-…"}
 //! {"state":"finished","id":"0190c2a4-…","report":"{…}"}
+//! {"state":"reported","id":"0190c2a4-…"}
 //! ```
 
 use std::borrow::Cow;
@@ -97,6 +98,8 @@ struct Slot {
     entry: JournalEntry,
     /// Sequence of the event that set `entry`.
     sequence: u64,
+    /// The broker confirmed the final report, so it need not be sent again.
+    reported: bool,
 }
 
 /// One line of the journal file.
@@ -110,6 +113,9 @@ enum Line<'a> {
         id: Uuid,
         #[serde(borrow)]
         report: Cow<'a, str>,
+    },
+    Reported {
+        id: Uuid,
     },
 }
 
@@ -225,6 +231,40 @@ impl Journal {
         })
     }
 
+    /// Records that the broker confirmed the final report of command `id`,
+    /// durably before returning. Unknown or unfinished ids are ignored.
+    pub fn record_reported(&mut self, id: Uuid) -> io::Result<()> {
+        match self.entries.get(&id) {
+            Some(Slot {
+                entry: JournalEntry::Finished { .. },
+                reported: false,
+                ..
+            }) => self.append(&Line::Reported { id }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Returns the finished commands whose final report the broker has not
+    /// confirmed, with the report, oldest finish first. The agent sends these
+    /// again at start, which makes the journal its outbox for reports.
+    pub fn unreported(&self) -> Vec<(Uuid, String)> {
+        let mut pending: Vec<(u64, Uuid, String)> = self
+            .entries
+            .iter()
+            .filter_map(|(id, slot)| match &slot.entry {
+                JournalEntry::Finished { report } if !slot.reported => {
+                    Some((slot.sequence, *id, report.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        pending.sort_unstable_by_key(|(sequence, _, _)| *sequence);
+        pending
+            .into_iter()
+            .map(|(_, id, report)| (id, report))
+            .collect()
+    }
+
     /// Returns the commands that were started but not finished, oldest start first.
     pub fn unfinished(&self) -> Vec<Uuid> {
         let mut started: Vec<(u64, Uuid)> = self
@@ -270,6 +310,12 @@ impl Journal {
     }
 
     fn apply(&mut self, line: &Line) {
+        if let Line::Reported { id } = line {
+            if let Some(slot) = self.entries.get_mut(id) {
+                slot.reported = true;
+            }
+            return;
+        }
         let sequence = self.next_sequence;
         self.next_sequence += 1;
 
@@ -281,12 +327,20 @@ impl Journal {
                     report: report.to_string(),
                 },
             ),
+            Line::Reported { .. } => unreachable!("handled above"),
         };
         let is_finished = matches!(entry, JournalEntry::Finished { .. });
 
         self.report_bytes += report_len(&entry);
 
-        let previous = self.entries.insert(id, Slot { entry, sequence });
+        let previous = self.entries.insert(
+            id,
+            Slot {
+                entry,
+                sequence,
+                reported: false,
+            },
+        );
         if let Some(previous) = previous {
             self.finished_order.remove(&previous.sequence);
             self.report_bytes -= report_len(&previous.entry);
@@ -339,20 +393,27 @@ impl Journal {
             .map_err(|error| annotate(error, "create the journal rewrite", &temp_path))?;
         let mut writer = BufWriter::new(temp_file);
         let mut file_len = 0;
+        let mut line_count = 0;
         for (id, slot) in &slots {
-            let line = match &slot.entry {
+            let mut lines = vec![match &slot.entry {
                 JournalEntry::Started => Line::Started { id: **id },
                 JournalEntry::Finished { report } => Line::Finished {
                     id: **id,
                     report: Cow::Borrowed(report),
                 },
-            };
-            let mut bytes = serde_json::to_vec(&line).map_err(io::Error::other)?;
-            bytes.push(b'\n');
-            writer
-                .write_all(&bytes)
-                .map_err(|error| annotate(error, "write the journal rewrite", &temp_path))?;
-            file_len += bytes.len() as u64;
+            }];
+            if slot.reported {
+                lines.push(Line::Reported { id: **id });
+            }
+            for line in lines {
+                let mut bytes = serde_json::to_vec(&line).map_err(io::Error::other)?;
+                bytes.push(b'\n');
+                writer
+                    .write_all(&bytes)
+                    .map_err(|error| annotate(error, "write the journal rewrite", &temp_path))?;
+                file_len += bytes.len() as u64;
+                line_count += 1;
+            }
         }
         let temp_file = writer.into_inner().map_err(|error| {
             annotate(error.into_error(), "write the journal rewrite", &temp_path)
@@ -368,9 +429,9 @@ impl Journal {
 
         self.file = open_for_append(&self.path)?;
         self.file_len = file_len;
-        self.line_count = slots.len();
+        self.line_count = line_count;
         self.compacted_len = file_len;
-        self.compacted_line_count = slots.len();
+        self.compacted_line_count = line_count;
         Ok(())
     }
 }
@@ -797,5 +858,40 @@ mod tests {
         let error = Journal::open_with_limits(&journal_path(&dir), limit_finished(0)).unwrap_err();
 
         assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn reported_marker_survives_reopen_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let limits = JournalLimits {
+            max_finished_entries: 2,
+            ..JournalLimits::default()
+        };
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+        {
+            let mut journal = Journal::open_with_limits(&path, limits).unwrap();
+            journal.record_finished(first, "a").unwrap();
+            journal.record_reported(first).unwrap();
+            journal.record_finished(second, "b").unwrap();
+            assert_eq!(journal.unreported(), vec![(second, "b".to_owned())]);
+            for _ in 0..10 {
+                journal.record_reported(first).unwrap();
+                journal.record_finished(second, "b").unwrap();
+            }
+        }
+        let journal = Journal::open_with_limits(&path, limits).unwrap();
+        assert_eq!(journal.unreported(), vec![(second, "b".to_owned())]);
+    }
+
+    #[test]
+    fn reported_ignores_unfinished_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(&dir.path().join("journal.jsonl")).unwrap();
+        let id = Uuid::new_v4();
+        journal.record_started(id).unwrap();
+        journal.record_reported(id).unwrap();
+        assert_eq!(journal.unfinished(), vec![id]);
+        assert!(journal.unreported().is_empty());
     }
 }

@@ -13,13 +13,15 @@ use uuid::Uuid;
 use super::handlers::{HandlerOutcome, HandlerRequest, Handlers};
 use super::journal::{Journal, JournalEntry};
 use crate::broker::{Broker, CANCEL_MESSAGE_TYPE, Delivery};
-use crate::contract::{CommandMessage, StatusReport, report_message};
+use crate::contract::{CancelNotice, CommandMessage, StatusReport, report_message};
 use crate::domain::{CommandStatus, CommandType, DeviceId};
 use crate::server::backoff_delay;
 
 /// One unacked command at a time: the next command is delivered only after
 /// this one is finished, which keeps the device's commands in order.
 const PREFETCH: u16 = 1;
+/// How often the agent looks for a cancel notice while a command runs.
+const CONTROL_POLL: Duration = Duration::from_millis(200);
 
 pub struct AgentSettings {
     pub device: DeviceId,
@@ -64,6 +66,7 @@ struct Agent {
 
 impl Agent {
     async fn consume_until_shutdown(&self) {
+        self.recover().await;
         let queue = self.broker.topology().device_queue(&self.device);
         let mut attempt = 0u32;
         tracing::info!(device_id = %self.device, %queue, "agent started");
@@ -137,6 +140,9 @@ impl Agent {
             .reply_to
             .clone()
             .unwrap_or_else(|| self.broker.topology().reports_queue());
+        // Notices may have arrived while the agent was offline or busy; they
+        // must be known before this command is looked at.
+        self.drain_control(None).await;
 
         let known = self.journal_lock().get(&message.id).cloned();
         let final_report = match known {
@@ -146,34 +152,81 @@ impl Agent {
                 self.ack(&delivery, Some(message.id)).await;
                 return;
             }
-            Some(JournalEntry::Started) => StatusReport {
-                command_id: message.id,
-                device_id: self.device.to_string(),
-                status: CommandStatus::ExecutionFailed.as_str().to_owned(),
-                error: Some(
-                    "the agent stopped while this command ran; it was not run again, so that it runs at most once"
-                        .into(),
-                ),
-                response_payload: None,
-            },
-            None => self.execute(&message, &reply_to).await,
+            Some(JournalEntry::Started) => self.interrupted_report(message.id),
+            None => self.execute(&message, &reply_to, &delivery).await,
         };
-
-        let report_text =
-            serde_json::to_string(&final_report).expect("a status report always serializes");
-        if let Err(error) = self
-            .journal_lock()
-            .record_finished(message.id, &report_text)
-        {
-            tracing::error!(command_id = %message.id, %error, "cannot record a finished command in the journal");
-        }
-        self.send_report(&reply_to, &final_report).await;
+        self.finish(&reply_to, &final_report).await;
+        // A second ack of a delivery acked at `executing` does nothing.
         self.ack(&delivery, Some(message.id)).await;
+    }
+
+    /// The final report of a command that was running when the agent
+    /// stopped. It is not run again, so that it runs at most once.
+    fn interrupted_report(&self, id: Uuid) -> StatusReport {
+        self.report(
+            id,
+            CommandStatus::ExecutionFailed,
+            Some("the agent stopped while this command ran; it was not run again, so that it runs at most once".into()),
+            None,
+        )
+    }
+
+    /// Records a final report in the journal, sends it, and marks it sent
+    /// once the broker confirms it. A report that is not confirmed before
+    /// the agent stops is sent again at the next start.
+    async fn finish(&self, reply_to: &str, final_report: &StatusReport) {
+        let id = final_report.command_id;
+        let text = serde_json::to_string(final_report).expect("a status report always serializes");
+        let recorded = self.journal_lock().record_finished(id, &text);
+        if let Err(error) = recorded {
+            tracing::error!(command_id = %id, %error, "cannot record a finished command in the journal");
+        }
+        if self.send_report(reply_to, final_report).await {
+            let marked = self.journal_lock().record_reported(id);
+            if let Err(error) = marked {
+                tracing::warn!(command_id = %id, %error, "cannot mark a report as sent; it will be sent again");
+            }
+        }
+    }
+
+    /// Settles what a previous run of this agent left: commands it started
+    /// but did not finish end `executionFailed`, and final reports the broker
+    /// did not confirm are sent again.
+    async fn recover(&self) {
+        let reports_queue = self.broker.topology().reports_queue();
+        let interrupted = self.journal_lock().unfinished();
+        for id in interrupted {
+            tracing::warn!(command_id = %id, "command was running when the agent stopped; reporting it failed");
+            let report = self.interrupted_report(id);
+            let text = serde_json::to_string(&report).expect("a status report always serializes");
+            let recorded = self.journal_lock().record_finished(id, &text);
+            if let Err(error) = recorded {
+                tracing::error!(command_id = %id, %error, "cannot record an interrupted command in the journal");
+            }
+        }
+        let unreported = self.journal_lock().unreported();
+        for (id, text) in unreported {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            self.send_raw_report(&reports_queue, id, &text).await;
+        }
     }
 
     /// Runs a command that this agent has not seen before and returns its
     /// final report.
-    async fn execute(&self, message: &CommandMessage, reply_to: &str) -> StatusReport {
+    ///
+    /// The delivery is acked as soon as `executing` is reported and the
+    /// start is in the journal. From then on the journal, not the broker,
+    /// guarantees the outcome, so a handler may run longer than RabbitMQ's
+    /// `consumer_timeout` without its channel being closed and the command
+    /// redelivered.
+    async fn execute(
+        &self,
+        message: &CommandMessage,
+        reply_to: &str,
+        delivery: &Delivery,
+    ) -> StatusReport {
         let id = message.id;
         if let Some(expiration) = &message.expiration
             && let Ok(at) = DateTime::parse_from_rfc3339(expiration)
@@ -211,6 +264,7 @@ impl Agent {
             &self.report(id, CommandStatus::Executing, None, None),
         )
         .await;
+        self.ack(delivery, Some(id)).await;
 
         let request = match handler_request(message) {
             Ok(request) => request,
@@ -220,8 +274,18 @@ impl Agent {
         };
         tracing::info!(command_id = %id, command_type = %request.command_type, app_service = ?request.app_service_name, "running command");
         // Commands are not interrupted on shutdown: the agent finishes the
-        // one it holds (each handler has a timeout), then stops.
-        match self.handlers.run(&request, &CancellationToken::new()).await {
+        // one it holds (each handler has a timeout), then stops. Only a
+        // cancel notice for this command stops it early.
+        let cancel = CancellationToken::new();
+        let run = self.handlers.run(&request, &cancel);
+        tokio::pin!(run);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut run => break outcome,
+                () = tokio::time::sleep(CONTROL_POLL) => self.drain_control(Some((id, &cancel))).await,
+            }
+        };
+        match outcome {
             HandlerOutcome::Completed { response } => {
                 self.report(id, CommandStatus::Completed, None, response)
             }
@@ -238,22 +302,88 @@ impl Agent {
         }
     }
 
+    /// Takes every waiting cancel notice from the device's control queue. A
+    /// notice for the running command fires its cancel token; a notice for
+    /// a command not yet seen is recorded as finished with a `canceled`
+    /// report, so that the command is never run when it arrives.
+    async fn drain_control(&self, running: Option<(Uuid, &CancellationToken)>) {
+        let queue = self.broker.topology().control_queue(&self.device);
+        loop {
+            let delivery = match self.broker.get(&queue).await {
+                Ok(Some(delivery)) => delivery,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(device_id = %self.device, %error, "cannot read cancel notices");
+                    return;
+                }
+            };
+            self.handle_notice(&delivery, running).await;
+        }
+    }
+
+    async fn handle_notice(
+        &self,
+        delivery: &Delivery,
+        running: Option<(Uuid, &CancellationToken)>,
+    ) {
+        let notice: CancelNotice = match serde_json::from_slice(&delivery.body) {
+            Ok(notice) => notice,
+            Err(error) => {
+                tracing::warn!(device_id = %self.device, %error, "dropping a control message that is not a cancel notice");
+                if let Err(error) = delivery.reject().await {
+                    tracing::warn!(device_id = %self.device, %error, "cannot reject an invalid control message");
+                }
+                return;
+            }
+        };
+        let id = notice.command_id;
+        match running {
+            Some((running_id, token)) if running_id == id => {
+                tracing::info!(command_id = %id, "cancel requested; stopping the running command");
+                token.cancel();
+            }
+            _ => {
+                let known = self.journal_lock().get(&id).is_some();
+                if !known {
+                    let report = self.report(
+                        id,
+                        CommandStatus::Canceled,
+                        Some("canceled by request before the device ran it".into()),
+                        None,
+                    );
+                    let text =
+                        serde_json::to_string(&report).expect("a status report always serializes");
+                    let recorded = self.journal_lock().record_finished(id, &text);
+                    if let Err(error) = recorded {
+                        // Without the record the command could still run, so
+                        // the notice stays on the queue for another try.
+                        tracing::error!(command_id = %id, %error, "cannot record a canceled command in the journal");
+                        let _ = delivery.requeue().await;
+                        return;
+                    }
+                    tracing::info!(command_id = %id, "command canceled before it arrived; it will not run");
+                }
+            }
+        }
+        self.ack(delivery, Some(id)).await;
+    }
+
     /// Publishes a report, retrying until the broker confirms it or the
     /// agent stops. An unconfirmed final report is not lost: the command
     /// stays unacked, comes back, and the journal sends the report again.
-    async fn send_report(&self, reply_to: &str, status_report: &StatusReport) {
+    async fn send_report(&self, reply_to: &str, status_report: &StatusReport) -> bool {
         let message = report_message(status_report, reply_to);
         let mut attempt = 0u32;
         loop {
             match self.broker.publish(&message).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(error) => {
                     attempt += 1;
                     let delay =
                         backoff_delay(attempt, Duration::from_millis(200), Duration::from_secs(10));
                     tracing::warn!(command_id = %status_report.command_id, status = %status_report.status, %error, retry_in = ?delay, "cannot send a status report");
                     tokio::select! {
-                        () = self.shutdown.cancelled() => return,
+                        () = self.shutdown.cancelled() => return false,
                         () = tokio::time::sleep(delay) => {}
                     }
                 }
@@ -261,11 +391,19 @@ impl Agent {
         }
     }
 
+    /// Sends a report stored in the journal and marks it sent once confirmed.
     async fn send_raw_report(&self, reply_to: &str, id: Uuid, text: &str) {
-        match serde_json::from_str::<StatusReport>(text) {
-            Ok(stored) => self.send_report(reply_to, &stored).await,
+        let stored = match serde_json::from_str::<StatusReport>(text) {
+            Ok(stored) => stored,
             Err(error) => {
-                tracing::error!(command_id = %id, %error, "journal holds an unreadable report")
+                tracing::error!(command_id = %id, %error, "journal holds an unreadable report; it is not sent");
+                return;
+            }
+        };
+        if self.send_report(reply_to, &stored).await {
+            let marked = self.journal_lock().record_reported(id);
+            if let Err(error) = marked {
+                tracing::warn!(command_id = %id, %error, "cannot mark a report as sent; it will be sent again");
             }
         }
     }

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -49,6 +50,10 @@ struct Inner {
 struct Live {
     connection: Connection,
     publisher: Channel,
+    /// Takes declarations and gets. RabbitMQ closes a channel whose
+    /// declaration conflicts with an existing queue; on this channel that
+    /// costs the one declaration, not the publishes in flight.
+    declarer: Channel,
     /// Device queues declared on this connection, so each is declared once
     /// per connection rather than once per message.
     declared_devices: HashSet<DeviceId>,
@@ -113,7 +118,9 @@ impl AmqpBroker {
         match self.publish_once(message).await {
             // A device queue deleted behind our back: declare it again and
             // retry once, because the declaration cache was stale.
-            Err(BrokerError::Unroutable(Destination::Device(device))) => {
+            Err(BrokerError::Unroutable(
+                Destination::Device(device) | Destination::Control(device),
+            )) => {
                 {
                     let mut guard = self.inner.live.lock().await;
                     if let Some(live) = guard.as_mut() {
@@ -132,6 +139,10 @@ impl AmqpBroker {
                 self.inner.topology.commands_exchange(),
                 device.as_str().to_owned(),
             ),
+            Destination::Control(device) => (
+                self.inner.topology.control_exchange(),
+                device.as_str().to_owned(),
+            ),
             Destination::Queue(queue) => (String::new(), queue.clone()),
         };
 
@@ -142,7 +153,9 @@ impl AmqpBroker {
             let mut guard = self.inner.live.lock().await;
             let live = self.ensure_live(&mut guard).await?;
             let declared = match &message.destination {
-                Destination::Device(device) => self.declare_device_on(live, device).await,
+                Destination::Device(device) | Destination::Control(device) => {
+                    self.declare_device_on(live, device).await
+                }
                 Destination::Queue(_) => Ok(()),
             };
             let published = match declared {
@@ -194,6 +207,29 @@ impl AmqpBroker {
         self.forget_if_broken(&mut guard, result).await
     }
 
+    pub async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
+        let mut guard = self.inner.live.lock().await;
+        let live = self.ensure_live(&mut guard).await?;
+        // Acks go back on the channel that delivered; if the declaring
+        // channel is replaced meanwhile, the ack fails and the message
+        // comes back, which cancel notices tolerate.
+        let result = live
+            .declarer
+            .basic_get(ShortString::from(queue), BasicGetOptions::default())
+            .await
+            .map_err(|error| classify(live, &error));
+        let message = self.forget_if_broken(&mut guard, result).await?;
+        Ok(message.map(|message| {
+            let delivery = message.delivery;
+            Delivery {
+                properties: from_basic_properties(&delivery.properties),
+                body: delivery.data,
+                redelivered: delivery.redelivered,
+                acker: Acker::Amqp(delivery.acker),
+            }
+        }))
+    }
+
     pub async fn close(&self) {
         if let Some(live) = self.inner.live.lock().await.take() {
             let _ = live
@@ -215,15 +251,43 @@ impl AmqpBroker {
         if !usable {
             *guard = None;
             *guard = Some(self.connect().await?);
-        } else if let Some(live) = guard.as_mut()
-            && !live.publisher.status().connected()
-        {
-            // The broker closed only the publishing channel (for example over
-            // a message above its size limit): replace the channel, keep the
-            // connection.
-            live.publisher = open_confirm_channel(&live.connection).await?;
+        } else if let Some(live) = guard.as_mut() {
+            // The broker closed a channel but not the connection (a message
+            // over its size limit, a deleted exchange, a conflicting queue):
+            // replace the channel, and declare everything again, because
+            // what was declared may be what went missing.
+            if !live.publisher.status().connected() {
+                live.publisher = open_confirm_channel(&live.connection).await?;
+                self.declare_exchanges(&live.publisher).await?;
+                live.declared_devices.clear();
+                live.reports_declared = false;
+            }
+            if !live.declarer.status().connected() {
+                live.declarer = open_channel(&live.connection).await?;
+            }
         }
         Ok(guard.as_mut().expect("connection was opened above"))
+    }
+
+    async fn declare_exchanges(&self, channel: &Channel) -> Result<(), BrokerError> {
+        let topology = &self.inner.topology;
+        for exchange in [topology.commands_exchange(), topology.control_exchange()] {
+            channel
+                .exchange_declare(
+                    ShortString::from(exchange.as_str()),
+                    ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|error| {
+                    BrokerError::Rejected(format!("cannot declare exchange {exchange}: {error}"))
+                })?;
+        }
+        Ok(())
     }
 
     async fn connect(&self) -> Result<Live, BrokerError> {
@@ -234,21 +298,8 @@ impl AmqpBroker {
             .await
             .map_err(|error| BrokerError::Unavailable(format!("cannot connect: {error}")))?;
         let publisher = open_confirm_channel(&connection).await?;
-        let exchange = self.inner.topology.commands_exchange();
-        publisher
-            .exchange_declare(
-                ShortString::from(exchange.as_str()),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|error| {
-                BrokerError::Rejected(format!("cannot declare exchange {exchange}: {error}"))
-            })?;
+        let declarer = open_channel(&connection).await?;
+        self.declare_exchanges(&publisher).await?;
         tracing::info!(
             connection = %self.inner.connection_name,
             "connected to RabbitMQ"
@@ -256,6 +307,7 @@ impl AmqpBroker {
         Ok(Live {
             connection,
             publisher,
+            declarer,
             declared_devices: HashSet::new(),
             reports_declared: false,
         })
@@ -270,20 +322,25 @@ impl AmqpBroker {
             return Ok(());
         }
         let topology = &self.inner.topology;
-        let queue = topology.device_queue(device);
-        declare_queue(&live.publisher, &queue, topology.device_queue_arguments())
-            .await
-            .map_err(|error| classify(live, &error))?;
-        live.publisher
-            .queue_bind(
-                ShortString::from(queue.as_str()),
-                ShortString::from(topology.commands_exchange()),
-                ShortString::from(device.as_str()),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|error| classify(live, &error))?;
+        let pairs = [
+            (topology.device_queue(device), topology.commands_exchange()),
+            (topology.control_queue(device), topology.control_exchange()),
+        ];
+        for (queue, exchange) in pairs {
+            declare_queue(&live.declarer, &queue, topology.device_queue_arguments())
+                .await
+                .map_err(|error| classify(live, &error))?;
+            live.declarer
+                .queue_bind(
+                    ShortString::from(queue.as_str()),
+                    ShortString::from(exchange),
+                    ShortString::from(device.as_str()),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|error| classify(live, &error))?;
+        }
         live.declared_devices.insert(device.clone());
         Ok(())
     }
@@ -294,7 +351,7 @@ impl AmqpBroker {
         }
         let topology = &self.inner.topology;
         declare_queue(
-            &live.publisher,
+            &live.declarer,
             &topology.reports_queue(),
             topology.reports_queue_arguments(),
         )
@@ -323,11 +380,15 @@ impl AmqpBroker {
     }
 }
 
-async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
-    let channel = connection
+async fn open_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    connection
         .create_channel()
         .await
-        .map_err(|error| BrokerError::Unavailable(format!("cannot open a channel: {error}")))?;
+        .map_err(|error| BrokerError::Unavailable(format!("cannot open a channel: {error}")))
+}
+
+async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = open_channel(connection).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await

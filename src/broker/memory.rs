@@ -80,9 +80,15 @@ impl MemoryBroker {
     }
 
     pub fn declare_device(&self, device: &DeviceId) -> Result<(), BrokerError> {
-        let queue = self.topology.device_queue(device);
         let mut state = self.shared.lock();
-        state.queues.entry(queue).or_default();
+        state
+            .queues
+            .entry(self.topology.device_queue(device))
+            .or_default();
+        state
+            .queues
+            .entry(self.topology.control_queue(device))
+            .or_default();
         state.device_bindings.insert(device.as_str().to_owned());
         Ok(())
     }
@@ -97,11 +103,15 @@ impl MemoryBroker {
     }
 
     pub fn publish(&self, message: &OutgoingMessage) -> Result<(), BrokerError> {
-        if let Destination::Device(device) = &message.destination {
-            self.declare_device(device)?;
-        }
         let queue_name = match &message.destination {
-            Destination::Device(device) => self.topology.device_queue(device),
+            Destination::Device(device) => {
+                self.declare_device(device)?;
+                self.topology.device_queue(device)
+            }
+            Destination::Control(device) => {
+                self.declare_device(device)?;
+                self.topology.control_queue(device)
+            }
             Destination::Queue(queue) => queue.clone(),
         };
         let mut state = self.shared.lock();
@@ -116,6 +126,27 @@ impl MemoryBroker {
         drop(state);
         self.shared.changed.notify_waiters();
         Ok(())
+    }
+
+    pub fn get(&self, queue: &str) -> Option<Delivery> {
+        let mut state = self.shared.lock();
+        state.next_delivery_tag += 1;
+        let tag = state.next_delivery_tag;
+        let entry = state.queues.get_mut(queue)?;
+        let stored = entry.ready.pop_front()?;
+        // Consumer id 0 is never given to a consumer: the message stays
+        // unacked until acked or requeued through its acker.
+        entry.unacked.insert(tag, (0, stored.clone()));
+        Some(Delivery {
+            properties: stored.properties,
+            body: stored.body,
+            redelivered: stored.redelivered,
+            acker: Acker::Memory(MemoryAcker {
+                shared: self.shared.clone(),
+                queue: queue.to_owned(),
+                tag,
+            }),
+        })
     }
 
     pub fn consume(&self, queue: &str, prefetch: u16) -> Result<MemoryConsumer, BrokerError> {

@@ -31,6 +31,9 @@ pub enum Destination {
     /// A device's queue, through the commands exchange with the device id
     /// as routing key.
     Device(DeviceId),
+    /// A device's control queue, through the control exchange with the
+    /// device id as routing key.
+    Control(DeviceId),
     /// A named queue, through the default exchange.
     Queue(String),
 }
@@ -39,6 +42,7 @@ impl fmt::Display for Destination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Device(device) => write!(f, "device {device}"),
+            Self::Control(device) => write!(f, "control queue of device {device}"),
             Self::Queue(queue) => write!(f, "queue {queue}"),
         }
     }
@@ -104,8 +108,8 @@ impl Broker {
         }
     }
 
-    /// Declares the queue of `device` and binds it, so that commands wait
-    /// there until the device's consumer connects.
+    /// Declares the command and control queues of `device` and binds them,
+    /// so that messages wait there until the device's agent connects.
     pub async fn declare_device(&self, device: &DeviceId) -> Result<(), BrokerError> {
         match self {
             Self::Amqp(broker) => broker.declare_device(device).await,
@@ -139,6 +143,15 @@ impl Broker {
                 .await
                 .map(|consumer| Consumer::Amqp(Box::new(consumer))),
             Self::Memory(broker) => broker.consume(queue, prefetch).map(Consumer::Memory),
+        }
+    }
+
+    /// Takes the next message from `queue` without a consumer, or `None`
+    /// when the queue is empty. The message stays unacked until acked.
+    pub async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
+        match self {
+            Self::Amqp(broker) => broker.get(queue).await,
+            Self::Memory(broker) => Ok(broker.get(queue)),
         }
     }
 

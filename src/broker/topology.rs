@@ -29,11 +29,9 @@ impl Topology {
     /// Builds the names under `prefix`, which must leave room for the longest
     /// device id inside the 255-byte limit of AMQP names.
     pub fn new(prefix: &str, queue_kind: QueueKind) -> Result<Self, String> {
-        let longest_queue = prefix.len() + DEVICE_QUEUE_INFIX.len() + MAX_DEVICE_ID_BYTES;
-        if prefix.is_empty() || longest_queue > MAX_AMQP_NAME_BYTES {
+        if prefix.is_empty() || prefix.len() > MAX_PREFIX_BYTES {
             return Err(format!(
-                "AMQP prefix {prefix:?} must be 1 to {} bytes long so that queue names stay within {MAX_AMQP_NAME_BYTES} bytes",
-                MAX_AMQP_NAME_BYTES - DEVICE_QUEUE_INFIX.len() - MAX_DEVICE_ID_BYTES
+                "AMQP prefix {prefix:?} must be 1 to {MAX_PREFIX_BYTES} bytes long so that queue names stay within {MAX_AMQP_NAME_BYTES} bytes"
             ));
         }
         if prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -55,6 +53,17 @@ impl Topology {
     /// The durable queue that holds one device's commands.
     pub fn device_queue(&self, device: &DeviceId) -> String {
         format!("{}{DEVICE_QUEUE_INFIX}{device}", self.prefix)
+    }
+
+    /// The direct exchange that routes cancel notices by device id.
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
+    /// The durable queue of one device's cancel notices. It is apart from the
+    /// device queue so that a notice can overtake the commands queued there.
+    pub fn control_queue(&self, device: &DeviceId) -> String {
+        format!("{}{CONTROL_QUEUE_INFIX}{device}", self.prefix)
     }
 
     /// The queue where devices send status reports, named in each command's
@@ -97,6 +106,11 @@ impl Topology {
 }
 
 const DEVICE_QUEUE_INFIX: &str = ".device.";
+const CONTROL_QUEUE_INFIX: &str = ".control.";
+/// The longest prefix that keeps the longest queue name, a control queue of
+/// a device id of the maximum length, within the AMQP limit.
+const MAX_PREFIX_BYTES: usize =
+    MAX_AMQP_NAME_BYTES - CONTROL_QUEUE_INFIX.len() - MAX_DEVICE_ID_BYTES;
 
 #[cfg(test)]
 mod tests {
@@ -109,6 +123,8 @@ mod tests {
         assert_eq!(topology.commands_exchange(), "cd.commands");
         assert_eq!(topology.device_queue(&device), "cd.device.kiosk-1");
         assert_eq!(topology.reports_queue(), "cd.reports");
+        assert_eq!(topology.control_exchange(), "cd.control");
+        assert_eq!(topology.control_queue(&device), "cd.control.kiosk-1");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Classification of IP addresses for server-side request forgery (SSRF)
-//! protection: a postback goes to a URL that a caller chose, so the service
+//! protection. A postback goes to a URL that a caller chose, so the service
 //! must not let that URL reach its own host, its private network or a cloud
 //! metadata endpoint.
 //!
@@ -50,8 +50,8 @@ pub enum AddressClass {
 }
 
 impl AddressClass {
-    /// Whether no allow-list entry can make an address of this class a
-    /// postback destination, because it never names one unicast peer.
+    /// Returns true for classes that no allow-list entry can make a postback
+    /// destination, because their addresses never name one unicast peer.
     fn is_never_allowed(self) -> bool {
         matches!(self, Self::Unspecified | Self::Multicast | Self::Broadcast)
     }
@@ -217,7 +217,7 @@ impl AllowedNetworks {
         Ok(Self { networks })
     }
 
-    /// Whether `ip` is in one of the networks. An IPv6 form that carries an
+    /// Returns true when `ip` is in one of the networks. An IPv6 form that carries an
     /// IPv4 address (see [`embedded_ipv4`]) also matches through that IPv4
     /// address, so allowing `127.0.0.0/8` allows `::ffff:127.0.0.1`.
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -290,7 +290,7 @@ impl fmt::Display for RefusedAddress {
 
 impl std::error::Error for RefusedAddress {}
 
-/// Checks that a postback may connect to `ip`: it must be public or in
+/// Checks that a postback may connect to `ip`, which must be public or in
 /// `allowed`. Unspecified, multicast and broadcast addresses are refused
 /// even when allowed, because none of them names a single peer, and a
 /// connection to 0.0.0.0 or :: reaches the local host on Linux.

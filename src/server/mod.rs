@@ -6,6 +6,7 @@
 mod backoff;
 mod expiry;
 mod idempotency_sweep;
+mod postbacks;
 mod relay;
 mod reports;
 
@@ -18,10 +19,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use backoff::backoff_delay;
+pub use postbacks::SenderSettings;
 
 use crate::api::{self, AppState};
 use crate::broker::Broker;
 use crate::domain::{CommandStatus, DeviceId};
+use crate::postback::client::PostbackClient;
 use crate::store::{Applied, StatusChange, Store};
 
 /// What the server-side workers share.
@@ -106,9 +109,18 @@ impl Service {
     pub fn server_workers(
         context: &Arc<ServerContext>,
         state: &AppState,
+        postbacks: (PostbackClient, SenderSettings),
         shutdown: &CancellationToken,
     ) -> Vec<Worker> {
+        let (client, settings) = postbacks;
         vec![
+            Box::pin(postbacks::run(
+                context.clone(),
+                client,
+                settings,
+                state.postback_wake.clone(),
+                shutdown.clone(),
+            )),
             Box::pin(relay::run(
                 context.clone(),
                 state.relay_wake.clone(),

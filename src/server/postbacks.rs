@@ -21,6 +21,8 @@ use crate::store::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING};
 /// How often the sender looks for due deliveries when nothing wakes it,
 /// which is when scheduled retries fall due.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Time past an attempt's deadline for recording its outcome.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 pub struct SenderSettings {
     pub secrets: WebhookSecrets,
@@ -68,7 +70,10 @@ pub async fn run(
     tracing::info!("postback sender stopped");
 }
 
-fn release(per_host: &mut HashMap<String, usize>, finished: Result<String, tokio::task::JoinError>) {
+fn release(
+    per_host: &mut HashMap<String, usize>,
+    finished: Result<String, tokio::task::JoinError>,
+) {
     match finished {
         Ok(host) => {
             if let Some(count) = per_host.get_mut(&host) {
@@ -102,7 +107,9 @@ async fn start_due(
     };
     // The lease outlives the attempt's deadline with room to record the
     // outcome; a sender that dies mid-attempt frees the row when it ends.
-    let lease_until = now.saturating_add(settings.attempt_timeout * 2 + Duration::from_secs(30));
+    // Attempts never wait for a slot in the client, because this loop keeps
+    // to the same per-host cap, so the deadline bounds the whole attempt.
+    let lease_until = now.saturating_add(settings.attempt_timeout + LEASE_MARGIN);
     for postback in due {
         if tasks.len() >= settings.max_in_flight {
             break;
@@ -111,7 +118,11 @@ async fn start_due(
         if per_host.get(&host).copied().unwrap_or(0) >= settings.max_in_flight_per_host {
             continue;
         }
-        match context.store.lease_postback(postback.id, now, lease_until).await {
+        match context
+            .store
+            .lease_postback(postback.id, now, lease_until)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => continue,
             Err(error) => {
@@ -130,11 +141,23 @@ async fn start_due(
 
 fn host_key(url: &str) -> String {
     Url::parse(url)
-        .map(|url| format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0)))
+        .map(|url| {
+            format!(
+                "{}://{}:{}",
+                url.scheme(),
+                url.host_str().unwrap_or_default(),
+                url.port_or_known_default().unwrap_or(0)
+            )
+        })
         .unwrap_or_default()
 }
 
-async fn deliver(context: &ServerContext, client: &PostbackClient, settings: &SenderSettings, postback: DuePostback) {
+async fn deliver(
+    context: &ServerContext,
+    client: &PostbackClient,
+    settings: &SenderSettings,
+    postback: DuePostback,
+) {
     let attempt_number = postback.attempts + 1;
     let started = Millis::now();
     let webhook_id = postback.id.to_string();
@@ -144,10 +167,17 @@ async fn deliver(context: &ServerContext, client: &PostbackClient, settings: &Se
             let headers = [
                 ("webhook-id", webhook_id.clone()),
                 ("webhook-timestamp", timestamp.to_string()),
-                ("webhook-signature", settings.secrets.sign(&webhook_id, timestamp, postback.body.as_bytes())),
+                (
+                    "webhook-signature",
+                    settings
+                        .secrets
+                        .sign(&webhook_id, timestamp, postback.body.as_bytes()),
+                ),
                 ("webhook-sequence", postback.sequence.to_string()),
             ];
-            client.send(&url, &headers, Bytes::from(postback.body.clone())).await
+            client
+                .send(&url, &headers, Bytes::from(postback.body.clone()))
+                .await
         }
         Err(error) => Attempt {
             outcome: Outcome::Rejected,
@@ -173,13 +203,22 @@ async fn deliver(context: &ServerContext, client: &PostbackClient, settings: &Se
         duration_ms: i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX),
     };
     log_attempt(&postback, &record, state, next);
-    if let Err(error) = context.store.record_postback_attempt(postback.id, &record, next, state).await {
+    if let Err(error) = context
+        .store
+        .record_postback_attempt(postback.id, &record, next, state)
+        .await
+    {
         tracing::error!(postback_id = %postback.id, %error, "cannot record a postback attempt; it will be sent again when its lease ends");
     }
 }
 
 /// When to try again, or `None` when the delivery is over.
-fn next_attempt_at(settings: &SenderSettings, result: &Attempt, attempt_number: i64, now: Millis) -> Option<Millis> {
+fn next_attempt_at(
+    settings: &SenderSettings,
+    result: &Attempt,
+    attempt_number: i64,
+    now: Millis,
+) -> Option<Millis> {
     if result.outcome != Outcome::Retry {
         return None;
     }

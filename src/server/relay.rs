@@ -12,9 +12,9 @@ use super::backoff::backoff_delay;
 use super::{ServerContext, apply_and_log};
 use crate::broker::{Broker, BrokerError};
 use crate::command::Millis;
-use crate::contract::command_message;
+use crate::contract::{cancel_message, command_message};
 use crate::domain::CommandStatus;
-use crate::store::{OutboxItem, StatusChange};
+use crate::store::{OUTBOX_CANCEL, OutboxItem, RelayLeadership, StatusChange};
 
 /// Rows taken per round; each round pipelines its publishes.
 const BATCH: i64 = 256;
@@ -24,12 +24,15 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Publishes the broker refused (not merely could not take) before the
 /// command ends `failedToSend`.
 const MAX_REJECTED_ATTEMPTS: i64 = 5;
+/// How often a standby relay checks whether the active one went away.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(context: Arc<ServerContext>, wake: Arc<Notify>, shutdown: CancellationToken) {
     if let Broker::Memory(_) = context.broker {
         republish_unfinished(&context).await;
     }
     let mut outage_attempt = 0u32;
+    let mut leadership: Option<RelayLeadership> = None;
     loop {
         // Register for a wake-up before reading, so a commit that lands
         // during the read is not missed.
@@ -37,6 +40,12 @@ pub async fn run(context: Arc<ServerContext>, wake: Arc<Notify>, shutdown: Cance
         tokio::pin!(woken);
         woken.as_mut().enable();
 
+        let Some(leader) = lead(&context, &mut leadership).await else {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(STANDBY_POLL) => continue,
+            }
+        };
         let pause = match relay_once(&context).await {
             Ok(0) => {
                 outage_attempt = 0;
@@ -60,10 +69,36 @@ pub async fn run(context: Arc<ServerContext>, wake: Arc<Notify>, shutdown: Cance
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = &mut woken => {}
+            () = leader.notified() => {}
             () = tokio::time::sleep(pause) => {}
         }
     }
     tracing::info!("outbox relay stopped");
+}
+
+/// Returns the leadership this relay holds, taking it when free. A process
+/// without it stands by and tries again every [`STANDBY_POLL`].
+async fn lead<'a>(
+    context: &ServerContext,
+    leadership: &'a mut Option<RelayLeadership>,
+) -> Option<&'a mut RelayLeadership> {
+    if let Some(held) = leadership
+        && !held.still_held().await
+    {
+        tracing::warn!("lost the relay leadership; standing by");
+        *leadership = None;
+    }
+    if leadership.is_none() {
+        match context.store.try_lead_relay().await {
+            Ok(Some(taken)) => {
+                tracing::info!("this process now runs the outbox relay");
+                *leadership = Some(taken);
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "cannot take the relay leadership"),
+        }
+    }
+    leadership.as_mut()
 }
 
 /// Publishes one batch; returns how many rows it handled, or why it stopped.
@@ -81,7 +116,9 @@ async fn relay_once(context: &ServerContext) -> Result<usize, String> {
     let mut done = Vec::new();
     let mut to_publish = Vec::new();
     for item in batch {
-        if item.command.status != CommandStatus::Queued {
+        if item.kind == OUTBOX_CANCEL {
+            to_publish.push(item);
+        } else if item.command.status != CommandStatus::Queued {
             // Canceled or expired before it was published: nothing to send.
             done.push(item.outbox_id);
         } else if item.command.is_expired_at(now) {
@@ -96,10 +133,12 @@ async fn relay_once(context: &ServerContext) -> Result<usize, String> {
     // of one channel, so each device receives its commands in order.
     let topology = context.broker.topology();
     let results = join_all(to_publish.iter().map(|item| async {
-        context
-            .broker
-            .publish(&command_message(&item.command, topology))
-            .await
+        let message = if item.kind == OUTBOX_CANCEL {
+            cancel_message(item.command.id, &item.command.device_id)
+        } else {
+            command_message(&item.command, topology)
+        };
+        context.broker.publish(&message).await
     }))
     .await;
 
@@ -132,6 +171,15 @@ async fn handle_rejected(
 ) {
     let attempts = item.attempts + 1;
     let command_id = item.command.id;
+    if attempts >= MAX_REJECTED_ATTEMPTS && item.kind == OUTBOX_CANCEL {
+        // The command itself is unaffected; only the notice is lost, and the
+        // command then ends as its device reports.
+        tracing::error!(%command_id, attempts, %error, "cancel notice rejected for good; dropping it");
+        if let Err(store_error) = context.store.delete_outbox(&[item.outbox_id]).await {
+            tracing::error!(%command_id, error = %store_error, "cannot delete a rejected cancel notice");
+        }
+        return;
+    }
     if attempts >= MAX_REJECTED_ATTEMPTS {
         tracing::error!(%command_id, attempts, %error, "publish rejected for good; command failed to send");
         let change = StatusChange {

@@ -53,6 +53,7 @@ impl Store {
         let command = new_queued_command(new, Millis::now());
         let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
         insert_command_rows(&mut tx, &command).await?;
+        self.notify_outbox(&mut tx).await?;
         tx.commit().await?;
         Ok(command)
     }
@@ -83,30 +84,9 @@ impl Store {
         notify: impl Fn(CommandStatus) -> bool,
     ) -> Result<Applied, StoreError> {
         let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
-        // On PostgreSQL the row lock orders concurrent writers of one
-        // command; on SQLite the single writer connection already does.
-        let select = match self.backend {
-            Backend::Postgres => {
-                concat!(
-                    "SELECT ",
-                    command_columns!(),
-                    " FROM commands c WHERE c.id = $1 FOR UPDATE"
-                )
-            }
-            Backend::Sqlite => concat!(
-                "SELECT ",
-                command_columns!(),
-                " FROM commands c WHERE c.id = $1"
-            ),
-        };
-        let row = sqlx::query(select)
-            .bind(change.command_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
+        let Some(mut command) = self.lock_command(&mut tx, change.command_id).await? else {
             return Ok(Applied::NotFound);
         };
-        let mut command = command_from_row(&row)?;
         if let Some(expected) = &change.expected_device
             && *expected != command.device_id
         {
@@ -119,7 +99,47 @@ impl Store {
                 current: command.status,
             });
         }
+        Self::move_command(&mut tx, &mut command, change, notify).await?;
+        tx.commit().await?;
+        Ok(Applied::Moved(Box::new(command)))
+    }
 
+    /// Reads a command inside `tx`, locking its row on PostgreSQL so that
+    /// concurrent writers of one command take turns; on SQLite the single
+    /// writer connection already makes them.
+    pub(super) async fn lock_command(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        id: Uuid,
+    ) -> Result<Option<Command>, StoreError> {
+        let select = match self.backend {
+            Backend::Postgres => concat!(
+                "SELECT ",
+                command_columns!(),
+                " FROM commands c WHERE c.id = $1 FOR UPDATE"
+            ),
+            Backend::Sqlite => concat!(
+                "SELECT ",
+                command_columns!(),
+                " FROM commands c WHERE c.id = $1"
+            ),
+        };
+        let row = sqlx::query(select)
+            .bind(id.to_string())
+            .fetch_optional(&mut **tx)
+            .await?;
+        row.as_ref().map(command_from_row).transpose()
+    }
+
+    /// Writes an allowed move of `command` and its transition, and the
+    /// postback delivery when `notify` says this status is posted back.
+    pub(super) async fn move_command(
+        tx: &mut Transaction<'_, Any>,
+        command: &mut Command,
+        change: &StatusChange,
+        notify: impl Fn(CommandStatus) -> bool,
+    ) -> Result<(), StoreError> {
+        debug_assert!(command.status.can_move_to(change.status));
         command.status = change.status;
         command.last_action_at = change.at;
         if change.error.is_some() {
@@ -139,10 +159,10 @@ impl Store {
         .bind(&command.error)
         .bind(&command.response_payload)
         .bind(change.at.0)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         let sequence = insert_transition(
-            &mut tx,
+            tx,
             command.id,
             change.status,
             change.at,
@@ -150,13 +170,12 @@ impl Store {
             change.error.as_deref(),
         )
         .await?;
-        if let Some(url) = &command.postback_uri
+        if let Some(url) = command.postback_uri.clone()
             && notify(change.status)
         {
-            Self::insert_postback(&mut tx, &command, url, sequence, change.at).await?;
+            Self::insert_postback(tx, command, &url, sequence, change.at).await?;
         }
-        tx.commit().await?;
-        Ok(Applied::Moved(Box::new(command)))
+        Ok(())
     }
 
     /// Every transition of a command, oldest first.

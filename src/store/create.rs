@@ -111,6 +111,7 @@ impl Store {
 
         let command = new_queued_command(new.clone(), now);
         insert_command_rows(&mut tx, &command).await?;
+        self.notify_outbox(&mut tx).await?;
         if let Some(record) = &options.idempotency {
             sqlx::query(
                 "INSERT INTO idempotency_keys \

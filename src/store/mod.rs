@@ -15,24 +15,27 @@ macro_rules! command_columns {
     };
 }
 
-mod cancel_stub;
+mod cancel;
 mod commands;
 mod create;
+mod leader;
 mod listing;
 mod outbox;
 mod postbacks;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use uuid::Uuid;
 
-pub use cancel_stub::CancelOutcome;
+pub use cancel::{CancelOutcome, OUTBOX_CANCEL, OUTBOX_COMMAND};
 pub use commands::{Applied, StatusChange, Transition};
 pub use create::{CreateOptions, Created, IdempotencyRecord};
+pub use leader::{OUTBOX_CHANNEL, RelayLeadership};
 pub use listing::{Cursor, ListQuery, ListScope};
 pub use outbox::OutboxItem;
 pub use postbacks::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING, PostbackRecord};
@@ -86,6 +89,9 @@ pub struct Store {
     writer: AnyPool,
     reader: AnyPool,
     acquire_timeout: Duration,
+    /// Kept for connections outside the pools: the relay's leadership lock
+    /// and its `LISTEN` connection on PostgreSQL.
+    url: Arc<str>,
 }
 
 impl Store {
@@ -103,33 +109,37 @@ impl Store {
             );
         };
 
+        // Migrations run on a connection of their own before the pools open,
+        // so that a short acquire timeout meant for requests cannot fail the
+        // start, and a wrong URL fails here with a clear error.
+        migrate(url, backend).await?;
+
         let store = match backend {
             Backend::Sqlite => {
-                let writer = sqlite_pool(url, 1, settings.acquire_timeout).await?;
-                let reader =
-                    sqlite_pool(url, settings.max_connections, settings.acquire_timeout).await?;
+                let writer = sqlite_pool(url, 1, settings.acquire_timeout)?;
+                let reader = sqlite_pool(url, settings.max_connections, settings.acquire_timeout)?;
                 Self {
                     backend,
                     writer,
                     reader,
                     acquire_timeout: settings.acquire_timeout,
+                    url: url.into(),
                 }
             }
             Backend::Postgres => {
                 let pool = AnyPoolOptions::new()
                     .max_connections(settings.max_connections)
                     .acquire_timeout(settings.acquire_timeout)
-                    .connect(url)
-                    .await?;
+                    .connect_lazy(url)?;
                 Self {
                     backend,
                     writer: pool.clone(),
                     reader: pool,
                     acquire_timeout: settings.acquire_timeout,
+                    url: url.into(),
                 }
             }
         };
-        store.migrate().await?;
         Ok(store)
     }
 
@@ -143,15 +153,6 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         self.backend
-    }
-
-    async fn migrate(&self) -> anyhow::Result<()> {
-        let migrator = match self.backend {
-            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
-            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
-        };
-        migrator.run(&self.writer).await?;
-        Ok(())
     }
 
     /// Checks that the database answers a query.
@@ -176,7 +177,18 @@ impl Store {
     }
 }
 
-async fn sqlite_pool(url: &str, size: u32, acquire_timeout: Duration) -> anyhow::Result<AnyPool> {
+async fn migrate(url: &str, backend: Backend) -> anyhow::Result<()> {
+    let migrator = match backend {
+        Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+        Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+    };
+    let mut connection = AnyConnection::connect(url).await?;
+    migrator.run(&mut connection).await?;
+    connection.close().await?;
+    Ok(())
+}
+
+fn sqlite_pool(url: &str, size: u32, acquire_timeout: Duration) -> anyhow::Result<AnyPool> {
     let pool = AnyPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(acquire_timeout)
@@ -196,8 +208,7 @@ async fn sqlite_pool(url: &str, size: u32, acquire_timeout: Duration) -> anyhow:
                 Ok(())
             })
         })
-        .connect(url)
-        .await?;
+        .connect_lazy(url)?;
     Ok(pool)
 }
 

@@ -7,6 +7,8 @@ use crate::command::{Command, Millis};
 #[derive(Clone, Debug)]
 pub struct OutboxItem {
     pub outbox_id: i64,
+    /// [`OUTBOX_COMMAND`](super::OUTBOX_COMMAND) or [`OUTBOX_CANCEL`](super::OUTBOX_CANCEL).
+    pub kind: String,
     pub attempts: i64,
     pub command: Command,
 }
@@ -17,7 +19,7 @@ impl Store {
     /// so a device's commands are never published out of order.
     pub async fn due_outbox(&self, now: Millis, limit: i64) -> Result<Vec<OutboxItem>, StoreError> {
         let rows = sqlx::query(concat!(
-            "SELECT o.id AS outbox_id, o.attempts, ", command_columns!(), " \
+            "SELECT o.id AS outbox_id, o.kind, o.attempts, ", command_columns!(), " \
              FROM outbox o JOIN commands c ON c.id = o.command_id \
              WHERE o.available_at <= $1 AND NOT EXISTS ( \
                  SELECT 1 FROM outbox earlier \
@@ -33,6 +35,7 @@ impl Store {
             .map(|row| {
                 Ok(OutboxItem {
                     outbox_id: row.try_get("outbox_id")?,
+                    kind: row.try_get("kind")?,
                     attempts: row.try_get("attempts")?,
                     command: command_from_row(row)?,
                 })

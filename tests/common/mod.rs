@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod receiver;
+pub mod recording;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -44,7 +45,11 @@ pub fn rabbit_node() -> String {
 
 /// Runs `rabbitmqctl` against the test node and returns its stdout.
 pub fn rabbitmqctl(args: &[&str]) -> String {
+    let epmd_port = std::env::var("DISPATCHER_TEST_EPMD_PORT").expect(
+        "DISPATCHER_TEST_EPMD_PORT is not set; run the tests through scripts/with-test-servers (see README.md)",
+    );
     let output = std::process::Command::new("rabbitmqctl")
+        .env("ERL_EPMD_PORT", epmd_port)
         .arg("-n")
         .arg(rabbit_node())
         .args(args)
@@ -65,22 +70,34 @@ pub struct TestEnv {
     pub broker: BrokerKind,
     pub database_url: String,
     pub extra_serve_args: Vec<String>,
+    /// `--queue-type` for serve and agents; unset means the default.
+    pub queue_type: Option<&'static str>,
 }
 
 impl TestEnv {
+    /// A fresh world on `broker`, with the store DISPATCHER_TEST_STORE names
+    /// (SQLite unless it says postgres).
     pub async fn new(broker: BrokerKind) -> Self {
+        let postgres = std::env::var("DISPATCHER_TEST_STORE").as_deref() == Ok("postgres");
+        Self::with_store(broker, postgres).await
+    }
+
+    /// A fresh world on `broker` and, when `postgres`, a new PostgreSQL
+    /// database; otherwise a SQLite file.
+    pub async fn with_store(broker: BrokerKind, postgres: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("dispatcher-test")
             .tempdir()
             .expect("temp dir");
         let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-        let database_url = database_url(dir.path(), &prefix).await;
+        let database_url = database_url(dir.path(), &prefix, postgres).await;
         Self {
             dir,
             prefix,
             broker,
             database_url,
             extra_serve_args: Vec::new(),
+            queue_type: None,
         }
     }
 
@@ -145,14 +162,17 @@ impl TestEnv {
         if self.broker == BrokerKind::Rabbit {
             vars.push(("DISPATCHER_AMQP_URL".to_owned(), amqp_url()));
         }
+        if let Some(queue_type) = self.queue_type {
+            vars.push(("DISPATCHER_QUEUE_TYPE".to_owned(), queue_type.to_owned()));
+        }
         vars
     }
 }
 
 /// A fresh database for one test: a SQLite file, or a new PostgreSQL
-/// database when DISPATCHER_TEST_STORE=postgres.
-async fn database_url(dir: &Path, prefix: &str) -> String {
-    if std::env::var("DISPATCHER_TEST_STORE").as_deref() != Ok("postgres") {
+/// database named after the test's prefix.
+async fn database_url(dir: &Path, prefix: &str, postgres: bool) -> String {
+    if !postgres {
         return format!(
             "sqlite://{}?mode=rwc",
             dir.join("dispatcher.sqlite").display()
@@ -207,9 +227,12 @@ impl Process {
         self.child.kill().await.expect("SIGKILL");
     }
 
-    /// Sends SIGTERM and waits for the exit.
+    /// Sends SIGTERM and waits for the exit; a process that already exited
+    /// is only waited for.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("process is running");
+        let Some(pid) = self.child.id() else {
+            return self.child.wait().await.expect("wait");
+        };
         std::process::Command::new("kill")
             .arg("-TERM")
             .arg(pid.to_string())
@@ -229,6 +252,20 @@ impl Process {
 /// A running `dispatcher serve` and a client for its API.
 pub struct Server {
     pub process: Process,
+    pub client: Client,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// A client for one server's API, with alice's token; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
     pub base: String,
     pub http: reqwest::Client,
     pub token: String,
@@ -257,15 +294,19 @@ impl Server {
             .to_owned();
         Self {
             process,
-            base,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("client"),
-            token: token_for("alice"),
+            client: Client {
+                base,
+                http: reqwest::Client::builder()
+                    .no_proxy()
+                    .build()
+                    .expect("client"),
+                token: token_for("alice"),
+            },
         }
     }
+}
 
+impl Client {
     /// POSTs JSON text to `path` with the default token.
     pub async fn post(&self, path: &str, body: &str) -> Response {
         self.post_as(path, body, &self.token).await

@@ -1,0 +1,304 @@
+//! The broker contract the service relies on, checked against RabbitMQ and
+//! the in-process broker alike: routing, FIFO order, acks, redelivery of
+//! unacked messages, a single active consumer, and `get`.
+
+mod common;
+
+use std::time::Duration;
+
+use command_dispatcher::broker::{
+    Broker, BrokerError, Delivery, Destination, MessageProperties, OutgoingMessage, QueueKind,
+    Topology,
+};
+use command_dispatcher::domain::DeviceId;
+use common::{BrokerKind, amqp_url};
+
+fn broker(kind: BrokerKind) -> Broker {
+    let prefix = format!("c{}", uuid::Uuid::new_v4().simple());
+    let topology = Topology::new(&prefix, QueueKind::Classic).unwrap();
+    match kind {
+        BrokerKind::Memory => Broker::new(None, topology, "contract test"),
+        BrokerKind::Rabbit => Broker::new(Some(&amqp_url()), topology, "contract test"),
+    }
+}
+
+fn device(name: &str) -> DeviceId {
+    DeviceId::parse(name).unwrap()
+}
+
+fn message(destination: Destination, body: &str) -> OutgoingMessage {
+    OutgoingMessage {
+        destination,
+        properties: MessageProperties {
+            message_id: Some(body.to_owned()),
+            kind: Some("command".into()),
+            content_type: Some("application/json".into()),
+            timestamp: Some(1_700_000_000),
+            ..MessageProperties::default()
+        },
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+async fn next(consumer: &mut command_dispatcher::broker::Consumer) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .expect("a delivery within 5 s")
+        .expect("consumer is open")
+        .expect("delivery is ok")
+}
+
+fn text(delivery: &Delivery) -> String {
+    String::from_utf8(delivery.body.clone()).unwrap()
+}
+
+async fn device_queue_is_fifo_with_properties(kind: BrokerKind) {
+    let broker = broker(kind);
+    let kiosk = device("kiosk");
+    for body in ["1", "2", "3"] {
+        broker
+            .publish(&message(Destination::Device(kiosk.clone()), body))
+            .await
+            .unwrap();
+    }
+    let mut consumer = broker
+        .consume(&broker.topology().device_queue(&kiosk), 10)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(
+            delivery.properties.message_id.as_deref(),
+            Some(text(&delivery).as_str())
+        );
+        assert_eq!(delivery.properties.kind.as_deref(), Some("command"));
+        assert_eq!(delivery.properties.timestamp, Some(1_700_000_000));
+        assert!(!delivery.redelivered);
+        seen.push(text(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(seen, ["1", "2", "3"]);
+    broker.close().await;
+}
+
+async fn unacked_messages_come_back_in_order(kind: BrokerKind) {
+    let broker = broker(kind);
+    let kiosk = device("kiosk");
+    let queue = broker.topology().device_queue(&kiosk);
+    for body in ["a", "b", "c"] {
+        broker
+            .publish(&message(Destination::Device(kiosk.clone()), body))
+            .await
+            .unwrap();
+    }
+    {
+        let mut consumer = broker.consume(&queue, 2).await.unwrap();
+        let first = next(&mut consumer).await;
+        let second = next(&mut consumer).await;
+        assert_eq!((text(&first), text(&second)), ("a".into(), "b".into()));
+        first.ack().await.unwrap();
+        // The consumer goes away with "b" unacked.
+    }
+    let mut consumer = broker.consume(&queue, 2).await.unwrap();
+    let again = next(&mut consumer).await;
+    assert_eq!(text(&again), "b");
+    assert!(
+        again.redelivered,
+        "a message delivered before is marked redelivered"
+    );
+    again.ack().await.unwrap();
+    let last = next(&mut consumer).await;
+    assert_eq!(text(&last), "c");
+    last.ack().await.unwrap();
+    broker.close().await;
+}
+
+async fn prefetch_limits_unacked_deliveries(kind: BrokerKind) {
+    let broker = broker(kind);
+    let kiosk = device("kiosk");
+    for body in ["x", "y"] {
+        broker
+            .publish(&message(Destination::Device(kiosk.clone()), body))
+            .await
+            .unwrap();
+    }
+    let mut consumer = broker
+        .consume(&broker.topology().device_queue(&kiosk), 1)
+        .await
+        .unwrap();
+    let first = next(&mut consumer).await;
+    let blocked = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+    assert!(
+        blocked.is_err(),
+        "a second delivery arrived while the first was unacked"
+    );
+    first.ack().await.unwrap();
+    assert_eq!(text(&next(&mut consumer).await), "y");
+    broker.close().await;
+}
+
+async fn requeue_puts_message_back_and_reject_drops_it(kind: BrokerKind) {
+    let broker = broker(kind);
+    let kiosk = device("kiosk");
+    let queue = broker.topology().device_queue(&kiosk);
+    for body in ["poison", "next"] {
+        broker
+            .publish(&message(Destination::Device(kiosk.clone()), body))
+            .await
+            .unwrap();
+    }
+    let mut consumer = broker.consume(&queue, 1).await.unwrap();
+    let first = next(&mut consumer).await;
+    first.requeue().await.unwrap();
+    let again = next(&mut consumer).await;
+    assert_eq!(text(&again), "poison");
+    assert!(again.redelivered);
+    again.reject().await.unwrap();
+    let following = next(&mut consumer).await;
+    assert_eq!(
+        text(&following),
+        "next",
+        "a rejected message must not come back"
+    );
+    following.ack().await.unwrap();
+    broker.close().await;
+}
+
+async fn only_one_consumer_per_device_is_active(kind: BrokerKind) {
+    let broker = broker(kind);
+    let kiosk = device("kiosk");
+    let queue = broker.topology().device_queue(&kiosk);
+    broker.declare_device(&kiosk).await.unwrap();
+    let mut active = broker.consume(&queue, 10).await.unwrap();
+    let mut standby = broker.consume(&queue, 10).await.unwrap();
+    broker
+        .publish(&message(Destination::Device(kiosk.clone()), "only"))
+        .await
+        .unwrap();
+    let delivery = next(&mut active).await;
+    assert_eq!(text(&delivery), "only");
+    let idle = tokio::time::timeout(Duration::from_millis(300), standby.next()).await;
+    assert!(
+        idle.is_err(),
+        "the second consumer received a message while the first was active"
+    );
+    delivery.ack().await.unwrap();
+    broker.close().await;
+}
+
+async fn devices_do_not_share_messages(kind: BrokerKind) {
+    let broker = broker(kind);
+    let (left, right) = (device("left"), device("right"));
+    broker
+        .publish(&message(Destination::Device(left.clone()), "for-left"))
+        .await
+        .unwrap();
+    broker
+        .publish(&message(Destination::Device(right.clone()), "for-right"))
+        .await
+        .unwrap();
+    let mut consumer = broker
+        .consume(&broker.topology().device_queue(&right), 10)
+        .await
+        .unwrap();
+    let delivery = next(&mut consumer).await;
+    assert_eq!(text(&delivery), "for-right");
+    delivery.ack().await.unwrap();
+    let nothing = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+    assert!(
+        nothing.is_err(),
+        "the right device received the left device's message"
+    );
+    broker.close().await;
+}
+
+async fn control_queue_is_read_with_get(kind: BrokerKind) {
+    let broker = broker(kind);
+    let kiosk = device("kiosk");
+    let control = broker.topology().control_queue(&kiosk);
+    broker
+        .publish(&message(Destination::Device(kiosk.clone()), "command"))
+        .await
+        .unwrap();
+    broker
+        .publish(&message(Destination::Control(kiosk.clone()), "cancel"))
+        .await
+        .unwrap();
+    let notice = broker
+        .get(&control)
+        .await
+        .unwrap()
+        .expect("the notice waits on the control queue");
+    assert_eq!(text(&notice), "cancel");
+    notice.ack().await.unwrap();
+    assert!(
+        broker.get(&control).await.unwrap().is_none(),
+        "the control queue is empty after the ack"
+    );
+    broker.close().await;
+}
+
+async fn message_to_missing_queue_is_unroutable(kind: BrokerKind) {
+    let broker = broker(kind);
+    let missing = format!("{}.no-such-queue", broker.topology().reports_queue());
+    let result = broker
+        .publish(&message(Destination::Queue(missing), "lost"))
+        .await;
+    assert!(
+        matches!(result, Err(BrokerError::Unroutable(_))),
+        "got {result:?}"
+    );
+    broker.close().await;
+}
+
+macro_rules! contract {
+    ($module:ident, $kind:expr) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test]
+            async fn device_queue_is_fifo() {
+                device_queue_is_fifo_with_properties($kind).await;
+            }
+
+            #[tokio::test]
+            async fn unacked_messages_return() {
+                unacked_messages_come_back_in_order($kind).await;
+            }
+
+            #[tokio::test]
+            async fn prefetch_is_respected() {
+                prefetch_limits_unacked_deliveries($kind).await;
+            }
+
+            #[tokio::test]
+            async fn requeue_and_reject() {
+                requeue_puts_message_back_and_reject_drops_it($kind).await;
+            }
+
+            #[tokio::test]
+            async fn single_active_consumer() {
+                only_one_consumer_per_device_is_active($kind).await;
+            }
+
+            #[tokio::test]
+            async fn devices_are_isolated() {
+                devices_do_not_share_messages($kind).await;
+            }
+
+            #[tokio::test]
+            async fn control_queue_get() {
+                control_queue_is_read_with_get($kind).await;
+            }
+
+            #[tokio::test]
+            async fn unroutable_is_reported() {
+                message_to_missing_queue_is_unroutable($kind).await;
+            }
+        }
+    };
+}
+
+contract!(in_process, BrokerKind::Memory);
+contract!(rabbitmq, BrokerKind::Rabbit);
