@@ -274,15 +274,15 @@ impl LaunchUri {
             format!("LaunchUri Payload.uri {text:?} is not a valid absolute URI: {error}")
         })?;
 
-        if let Some(schemes) = &self.schemes {
-            if !schemes.iter().any(|scheme| scheme == uri.scheme()) {
-                return Err(format!(
-                    "LaunchUri Payload.uri {text:?} has scheme {:?}, which this device does not allow; \
-                     allowed schemes: {}",
-                    uri.scheme(),
-                    schemes.join(", ")
-                ));
-            }
+        if let Some(schemes) = &self.schemes
+            && !schemes.iter().any(|scheme| scheme == uri.scheme())
+        {
+            return Err(format!(
+                "LaunchUri Payload.uri {text:?} has scheme {:?}, which this device does not allow; \
+                 allowed schemes: {}",
+                uri.scheme(),
+                schemes.join(", ")
+            ));
         }
         Ok(uri)
     }
@@ -395,12 +395,10 @@ impl AppService {
                 "{ECHO_APP_SERVICE:?} is built in and cannot be redefined; choose another name"
             );
         }
-        if let Some(family) = &entry.package_family_name {
-            if family.trim().is_empty() {
-                anyhow::bail!(
-                    "package_family_name must not be empty; remove it to match any package"
-                );
-            }
+        if let Some(family) = &entry.package_family_name
+            && family.trim().is_empty()
+        {
+            anyhow::bail!("package_family_name must not be empty; remove it to match any package");
         }
 
         let program = Program::from_entry(
@@ -776,10 +774,10 @@ async fn pump_io(
 /// Writes the input and closes stdin. A program may exit without reading
 /// its input, so a broken pipe is expected and not an error.
 async fn write_input(mut stdin: ChildStdin, input: &[u8]) {
-    if let Err(error) = stdin.write_all(input).await {
-        if error.kind() != std::io::ErrorKind::BrokenPipe {
-            warn!(%error, "failed to write the payload to a handler program's stdin");
-        }
+    if let Err(error) = stdin.write_all(input).await
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        warn!(%error, "failed to write the payload to a handler program's stdin");
     }
     drop(stdin);
 }
@@ -1070,10 +1068,10 @@ mod tests {
     async fn wait_for_file(path: &Path) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(text) = std::fs::read_to_string(path) {
-                if text.ends_with('\n') {
-                    return text;
-                }
+            if let Ok(text) = std::fs::read_to_string(path)
+                && text.ends_with('\n')
+            {
+                return text;
             }
             assert!(
                 Instant::now() < deadline,
