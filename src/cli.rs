@@ -124,8 +124,8 @@ pub struct ServeArgs {
     #[arg(long, env = "DISPATCHER_DEFAULT_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub default_ttl: Ttl,
 
-    /// Most unfinished (queued, sentToTarget or executing) commands one
-    /// device may have; a create above it is rejected with 429.
+    /// Maximum number of unfinished (queued, sentToTarget or executing)
+    /// commands per device; a create beyond it is rejected with 429.
     #[arg(long, env = "DISPATCHER_MAX_UNFINISHED_PER_DEVICE", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_unfinished_per_device: u32,

@@ -46,7 +46,7 @@ pub struct AppState {
     pub relay_wake: Arc<Notify>,
     /// Woken after an operator re-sends a postback or a cancel creates one.
     pub postback_wake: Arc<Notify>,
-    /// Most unfinished commands one device may have; creates above it get 429.
+    /// Maximum number of unfinished commands per device; creates beyond it get 429.
     pub max_unfinished_per_device: u32,
     /// How long an `Idempotency-Key` is remembered after its create.
     pub idempotency_ttl: Duration,

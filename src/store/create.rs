@@ -12,8 +12,9 @@ use crate::domain::DeviceId;
 /// Limits and the idempotency record of one create request.
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
-    /// Most unfinished (`queued`, `sentToTarget`, `executing`) commands a
-    /// device may have; the create is rejected when it has this many.
+    /// Maximum number of unfinished (`queued`, `sentToTarget`, `executing`)
+    /// commands of a device. A create is rejected when the device has this
+    /// many.
     pub max_unfinished_per_device: u32,
     pub idempotency: Option<IdempotencyRecord>,
 }
@@ -174,6 +175,7 @@ async fn lookup_key(
     .bind(now.0)
     .execute(&mut **tx)
     .await?;
+
     let row = sqlx::query(concat!(
         "SELECT k.request_hash, ",
         command_columns!(),
@@ -187,6 +189,7 @@ async fn lookup_key(
     let Some(row) = row else {
         return Ok(None);
     };
+
     let stored_hash: String = row.try_get("request_hash")?;
     if stored_hash == record.request_hash {
         Ok(Some(Created::Replayed(Box::new(super::command_from_row(
