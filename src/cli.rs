@@ -49,8 +49,9 @@ pub struct CommonArgs {
 /// Broker settings shared by `serve` and `agent`.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL, such as amqp://user:pass@127.0.0.1:5672/%2f. Unset: the
-    /// in-process broker (only in-process agents can reach it).
+    /// RabbitMQ URL, such as amqp://user:pass@127.0.0.1:5672/%2f, or several
+    /// separated by commas for the nodes of a cluster, tried in turn. Unset:
+    /// the in-process broker (only in-process agents can reach it).
     #[arg(long, env = "DISPATCHER_AMQP_URL", hide_env_values = true)]
     pub amqp_url: Option<String>,
 

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod command;

@@ -279,7 +279,7 @@ impl LaunchUri {
         {
             return Err(format!(
                 "LaunchUri Payload.uri {text:?} has scheme {:?}, which this device does not allow; \
-                 allowed schemes: {}",
+                     allowed schemes: {}",
                 uri.scheme(),
                 schemes.join(", ")
             ));

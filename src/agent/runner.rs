@@ -12,10 +12,10 @@ use uuid::Uuid;
 
 use super::handlers::{HandlerOutcome, HandlerRequest, Handlers};
 use super::journal::{Journal, JournalEntry};
+use crate::backoff::backoff_delay;
 use crate::broker::{Broker, CANCEL_MESSAGE_TYPE, Delivery};
 use crate::contract::{CancelNotice, CommandMessage, StatusReport, report_message};
 use crate::domain::{CommandStatus, CommandType, DeviceId};
-use crate::server::backoff_delay;
 
 /// One unacked command at a time: the next command is delivered only after
 /// this one is finished, which keeps the device's commands in order.
@@ -68,47 +68,12 @@ impl Agent {
     async fn consume_until_shutdown(&self) {
         self.recover().await;
         let queue = self.broker.topology().device_queue(&self.device);
-        let mut attempt = 0u32;
         tracing::info!(device_id = %self.device, %queue, "agent started");
-        while !self.shutdown.is_cancelled() {
-            let consumer = tokio::select! {
-                () = self.shutdown.cancelled() => break,
-                consumer = self.broker.consume(&queue, PREFETCH) => consumer,
-            };
-            let mut consumer = match consumer {
-                Ok(consumer) => {
-                    attempt = 0;
-                    consumer
-                }
-                Err(error) => {
-                    attempt += 1;
-                    let delay =
-                        backoff_delay(attempt, Duration::from_millis(200), Duration::from_secs(10));
-                    tracing::warn!(device_id = %self.device, %error, retry_in = ?delay, "cannot consume the device queue");
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => break,
-                        () = tokio::time::sleep(delay) => continue,
-                    }
-                }
-            };
-            loop {
-                let next = tokio::select! {
-                    () = self.shutdown.cancelled() => break,
-                    next = consumer.next() => next,
-                };
-                match next {
-                    Some(Ok(delivery)) => self.handle(delivery).await,
-                    Some(Err(error)) => {
-                        tracing::warn!(device_id = %self.device, %error, "device queue consumer stopped; reconnecting");
-                        break;
-                    }
-                    None => {
-                        tracing::warn!(device_id = %self.device, "device queue consumer closed; reconnecting");
-                        break;
-                    }
-                }
-            }
-        }
+        self.broker
+            .consume_until(&queue, PREFETCH, &self.shutdown, |delivery| {
+                self.handle(delivery)
+            })
+            .await;
         tracing::info!(device_id = %self.device, "agent stopped");
     }
 

@@ -10,11 +10,15 @@ mod memory;
 mod topology;
 
 use std::fmt;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 pub use amqp::AmqpBroker;
 pub use memory::MemoryBroker;
 pub use topology::{QueueKind, Topology};
 
+use crate::backoff::backoff_delay;
 use crate::domain::DeviceId;
 
 /// AMQP `type` of a command message sent to a device.
@@ -155,7 +159,69 @@ impl Broker {
         }
     }
 
-    /// Whether the broker answers now; opens a connection if none is open.
+    /// Consumes `queue` until `shutdown` fires, handing each delivery to
+    /// `handle` and waiting for it before taking the next. Whenever the
+    /// consumer fails (connection lost, queue deleted, broker down) it is
+    /// started again after a capped, jittered backoff.
+    pub async fn consume_until<F, Fut>(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        shutdown: &CancellationToken,
+        mut handle: F,
+    ) where
+        F: FnMut(Delivery) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let started = tokio::select! {
+                () = shutdown.cancelled() => return,
+                started = self.consume(queue, prefetch) => started,
+            };
+            let mut consumer = match started {
+                Ok(consumer) => {
+                    if failures > 0 {
+                        tracing::info!(%queue, "consuming again");
+                    }
+                    failures = 0;
+                    consumer
+                }
+                Err(error) => {
+                    failures += 1;
+                    let delay = backoff_delay(
+                        failures,
+                        Duration::from_millis(200),
+                        Duration::from_secs(10),
+                    );
+                    tracing::warn!(%queue, %error, retry_in = ?delay, "cannot consume");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    next = consumer.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) => handle(delivery).await,
+                    Some(Err(error)) => {
+                        tracing::warn!(%queue, %error, "consumer stopped; consuming again");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!(%queue, "consumer closed; consuming again");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks that the broker is reachable now, opening a connection if none is open.
     pub async fn check_ready(&self) -> Result<(), BrokerError> {
         match self {
             Self::Amqp(broker) => broker.check_ready().await,

@@ -3,7 +3,6 @@
 //! sender), and optionally in-process agents, all stopped by one
 //! cancellation token.
 
-mod backoff;
 mod expiry;
 mod idempotency_sweep;
 mod postbacks;
@@ -18,7 +17,6 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use backoff::backoff_delay;
 pub use postbacks::SenderSettings;
 
 use crate::api::{self, AppState};
@@ -38,7 +36,7 @@ pub struct ServerContext {
 }
 
 impl ServerContext {
-    /// Whether a change to `status` creates a postback delivery.
+    /// Returns whether a change to `status` creates a postback delivery.
     pub fn posts_back(&self, status: CommandStatus) -> bool {
         self.postback_every_transition || status.is_final()
     }

@@ -108,7 +108,8 @@ async fn start_due(
     // The lease outlives the attempt's deadline with room to record the
     // outcome; a sender that dies mid-attempt frees the row when it ends.
     // Attempts never wait for a slot in the client, because this loop keeps
-    // to the same per-host cap, so the deadline bounds the whole attempt.
+    // to the per-host cap that `run::serve` also gives the client, so the
+    // deadline bounds the whole attempt.
     let lease_until = now.saturating_add(settings.attempt_timeout + LEASE_MARGIN);
     for postback in due {
         if tasks.len() >= settings.max_in_flight {

@@ -8,8 +8,8 @@ use futures_util::future::join_all;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::backoff::backoff_delay;
 use super::{ServerContext, apply_and_log};
+use crate::backoff::backoff_delay;
 use crate::broker::{Broker, BrokerError};
 use crate::command::Millis;
 use crate::contract::{cancel_message, command_message};

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::backoff::backoff_delay;
 use super::{ServerContext, apply_and_log};
 use crate::broker::{Delivery, REPORT_MESSAGE_TYPE};
 use crate::command::Millis;
@@ -20,49 +19,12 @@ const PREFETCH: u16 = 64;
 
 pub async fn run(context: Arc<ServerContext>, shutdown: CancellationToken) {
     let queue = context.broker.topology().reports_queue();
-    let mut attempt = 0u32;
-    while !shutdown.is_cancelled() {
-        let consumer = tokio::select! {
-            () = shutdown.cancelled() => break,
-            result = context.broker.consume(&queue, PREFETCH) => result,
-        };
-        let mut consumer = match consumer {
-            Ok(consumer) => {
-                if attempt > 0 {
-                    tracing::info!(%queue, "consuming status reports again");
-                }
-                attempt = 0;
-                consumer
-            }
-            Err(error) => {
-                attempt += 1;
-                let delay =
-                    backoff_delay(attempt, Duration::from_millis(200), Duration::from_secs(10));
-                tracing::warn!(%queue, %error, retry_in = ?delay, "cannot consume status reports");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(delay) => continue,
-                }
-            }
-        };
-        loop {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => break,
-                next = consumer.next() => next,
-            };
-            match next {
-                Some(Ok(delivery)) => handle(&context, delivery).await,
-                Some(Err(error)) => {
-                    tracing::warn!(%queue, %error, "status report consumer stopped; reconnecting");
-                    break;
-                }
-                None => {
-                    tracing::warn!(%queue, "status report consumer closed; reconnecting");
-                    break;
-                }
-            }
-        }
-    }
+    context
+        .broker
+        .consume_until(&queue, PREFETCH, &shutdown, |delivery| {
+            handle(&context, delivery)
+        })
+        .await;
     tracing::info!("report worker stopped");
 }
 
@@ -71,7 +33,7 @@ async fn handle(context: &ServerContext, delivery: Delivery) {
         Ok(change) => change,
         Err(reason) => {
             // A report that cannot be read now never can: drop it so that it
-            // cannot loop, and say why once.
+            // cannot loop, and log why once.
             tracing::warn!(
                 message_id = ?delivery.properties.message_id,
                 error = %reason,

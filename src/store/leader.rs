@@ -72,7 +72,7 @@ impl Store {
 }
 
 impl RelayLeadership {
-    /// Whether the lock is still held: its connection still answers.
+    /// Checks that the lock is still held, which is as long as its connection responds.
     pub async fn still_held(&mut self) -> bool {
         match &mut self.lock {
             None => true,

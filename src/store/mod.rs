@@ -143,7 +143,7 @@ impl Store {
         Ok(store)
     }
 
-    /// The URL of the default SQLite file inside `data_dir`.
+    /// Builds the URL of the default SQLite file inside `data_dir`.
     pub fn default_sqlite_url(data_dir: &Path) -> String {
         format!(
             "sqlite://{}?mode=rwc",
@@ -155,7 +155,7 @@ impl Store {
         self.backend
     }
 
-    /// Checks that the database answers a query.
+    /// Checks that the database runs a trivial query.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&self.reader)
