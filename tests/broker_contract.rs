@@ -302,3 +302,44 @@ macro_rules! contract {
 
 contract!(in_process, BrokerKind::Memory);
 contract!(rabbitmq, BrokerKind::Rabbit);
+
+#[tokio::test]
+async fn next_cluster_node_is_tried_after_a_failure() {
+    let prefix = format!("c{}", uuid::Uuid::new_v4().simple());
+    let topology = Topology::new(&prefix, QueueKind::Classic).unwrap();
+    // Nothing listens on port 1 of the loopback address: the first node is down.
+    let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f, {}", amqp_url());
+    let broker = Broker::new(Some(&nodes), topology, "contract test");
+    let kiosk = device("kiosk");
+
+    let first = broker
+        .publish(&message(Destination::Device(kiosk.clone()), "1"))
+        .await;
+    assert!(
+        matches!(first, Err(BrokerError::Unavailable(_))),
+        "got {first:?}"
+    );
+    broker
+        .publish(&message(Destination::Device(kiosk.clone()), "2"))
+        .await
+        .expect("the second attempt goes to the live node");
+    let mut consumer = broker
+        .consume(&broker.topology().device_queue(&kiosk), 1)
+        .await
+        .unwrap();
+    assert_eq!(text(&next(&mut consumer).await), "2");
+    broker.close().await;
+}
+
+#[tokio::test]
+async fn invalid_amqp_url_is_reported_without_the_password() {
+    let topology = Topology::new("contract", QueueKind::Classic).unwrap();
+    let broker = Broker::new(
+        Some("amqp://user:secret-password@127.0.0.1:notaport/%2f"),
+        topology,
+        "contract test",
+    );
+    let error = broker.check_ready().await.unwrap_err().to_string();
+    assert!(error.contains("invalid AMQP URL"), "{error}");
+    assert!(!error.contains("secret-password"), "{error}");
+}

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -40,7 +41,10 @@ pub struct AmqpBroker {
 }
 
 struct Inner {
-    uri: Result<AMQPUri, String>,
+    /// The cluster's nodes, tried in turn, or why the URL list is invalid.
+    uris: Result<Vec<AMQPUri>, String>,
+    /// Index into `uris` of the node to try next.
+    next_node: AtomicUsize,
     topology: Topology,
     connection_name: String,
     live: Mutex<Option<Live>>,
@@ -71,19 +75,27 @@ impl fmt::Debug for AmqpBroker {
 }
 
 impl AmqpBroker {
-    pub fn new(url: &str, topology: Topology, connection_name: &str) -> Self {
-        let uri = url
-            .parse::<AMQPUri>()
-            .map(|mut uri| {
-                if uri.query.heartbeat.is_none() {
-                    uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECONDS);
+    /// Creates a broker for `urls`: one AMQP URL, or several separated by
+    /// commas for the nodes of a cluster. A connection goes to one node, and
+    /// after a failure the next connection tries the next node.
+    pub fn new(urls: &str, topology: Topology, connection_name: &str) -> Self {
+        let uris = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(parse_uri)
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|uris| {
+                if uris.is_empty() {
+                    Err("the AMQP URL is empty".to_owned())
+                } else {
+                    Ok(uris)
                 }
-                uri
-            })
-            .map_err(|error| format!("invalid AMQP URL: {error}"));
+            });
         Self {
             inner: Arc::new(Inner {
-                uri,
+                uris,
+                next_node: AtomicUsize::new(0),
                 topology,
                 connection_name: connection_name.to_owned(),
                 live: Mutex::new(None),
@@ -291,17 +303,29 @@ impl AmqpBroker {
     }
 
     async fn connect(&self) -> Result<Live, BrokerError> {
-        let uri = self.inner.uri.clone().map_err(BrokerError::Unavailable)?;
+        let uris = self
+            .inner
+            .uris
+            .as_ref()
+            .map_err(|error| BrokerError::Unavailable(error.clone()))?;
+        // Every attempt moves on to the next node, so after a node fails the
+        // reconnect goes to another one.
+        let node = self.inner.next_node.fetch_add(1, Ordering::Relaxed) % uris.len();
+        let uri = uris[node].clone();
+        let address = format!("{}:{}", uri.authority.host, uri.authority.port);
         let properties = ConnectionProperties::default()
             .with_connection_name(self.inner.connection_name.clone().into());
         let connection = Connection::connect_uri(uri, properties)
             .await
-            .map_err(|error| BrokerError::Unavailable(format!("cannot connect: {error}")))?;
+            .map_err(|error| {
+                BrokerError::Unavailable(format!("cannot connect to {address}: {error}"))
+            })?;
         let publisher = open_confirm_channel(&connection).await?;
         let declarer = open_channel(&connection).await?;
         self.declare_exchanges(&publisher).await?;
         tracing::info!(
             connection = %self.inner.connection_name,
+            node = %address,
             "connected to RabbitMQ"
         );
         Ok(Live {
@@ -378,6 +402,18 @@ impl AmqpBroker {
         }
         result
     }
+}
+
+/// Parses one AMQP URL, adding the default heartbeat when it sets none. The
+/// error never repeats the URL, which may carry a password.
+fn parse_uri(url: &str) -> Result<AMQPUri, String> {
+    let mut uri = url
+        .parse::<AMQPUri>()
+        .map_err(|error| format!("invalid AMQP URL: {error}"))?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECONDS);
+    }
+    Ok(uri)
 }
 
 async fn open_channel(connection: &Connection) -> Result<Channel, BrokerError> {
