@@ -202,7 +202,7 @@ const QUEUED_RSS_TARGET_MIB: f64 = 150.0;
 /// RSS after the drain may exceed the RSS with every command queued by
 /// this share before it counts as growth; allocators keep some freed pages.
 const DRAIN_GROWTH_TOLERANCE: f64 = 0.10;
-/// The many-devices create rate may fall this far below the 100-device one.
+/// The many-devices create rate may fall this far below the create-phase one.
 const MANY_DEVICES_TOLERANCE: f64 = 0.20;
 
 impl Report {
@@ -341,8 +341,9 @@ impl Report {
                 many.payload,
                 format!("{:.0}/s", many.measured.create_rate),
                 format!(
-                    "{} of the 100-device figure",
-                    percent_of(many.measured.create_rate, baseline)
+                    "{} of the {}-device figure",
+                    percent_of(many.measured.create_rate, baseline),
+                    self.create.get(&many.payload).map_or(0, |f| f.devices)
                 ),
             );
         }
@@ -482,8 +483,9 @@ impl Report {
                 .map_or(0.0, |f| f.create_rate);
             verdict(
                 &format!(
-                    "{} devices: create throughput within 20% of 100 devices",
-                    many.devices
+                    "{} devices: create throughput within 20% of {} devices",
+                    many.devices,
+                    self.create.get(&many.payload).map_or(0, |f| f.devices)
                 ),
                 baseline > 0.0
                     && many.measured.create_rate >= (1.0 - MANY_DEVICES_TOLERANCE) * baseline,
