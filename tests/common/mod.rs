@@ -367,6 +367,16 @@ impl Client {
         Response::read(response).await
     }
 
+    /// The absolute URL of `path` on this server.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request built by the test, which sets its own headers.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Response {
+        Response::read(request.send().await.expect("request reaches the server")).await
+    }
+
     /// Creates an `echo` command for `device` and returns its id.
     pub async fn create_echo(
         &self,
