@@ -2,10 +2,12 @@
 //! signs every attempt, and schedules retries.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -100,9 +102,12 @@ async fn start_due(
     let limit = settings.max_in_flight * 4;
     // The lease outlives the attempt's deadline with room to record the
     // outcome; a sender that dies mid-attempt frees the row when it ends.
-    // Attempts never wait for a slot in the client, because this loop keeps
-    // to the per-host cap that `run::serve` also gives the client, so the
-    // deadline bounds the whole attempt.
+    // This loop keeps to the same per-receiver cap that `run::serve` gives the
+    // client, so attempts do not wait for a slot there and the deadline bounds
+    // the whole attempt.
+    // NOTE: this loop counts per origin and the client per host and port, so
+    // `http://h:8443` and `https://h:8443` together can make an attempt wait
+    // in the client and outlive its lease, which at worst sends it twice.
     let lease_until = now.saturating_add(settings.attempt_timeout + LEASE_MARGIN);
     // Receivers without a free slot are left out of the query. A full page
     // in which a receiver ran out of slots may hide rows of other receivers,
@@ -137,7 +142,13 @@ async fn start_due(
             *per_host.entry(host.clone()).or_default() += 1;
             let (context, client, settings) = (context.clone(), client.clone(), settings.clone());
             tasks.spawn(async move {
-                deliver(&context, &client, &settings, postback).await;
+                // A panicking attempt still hands its receiver's slot back;
+                // its lease runs out and another attempt follows.
+                let id = postback.id;
+                let attempt = AssertUnwindSafe(deliver(&context, &client, &settings, postback));
+                if attempt.catch_unwind().await.is_err() {
+                    tracing::error!(postback_id = %id, "postback attempt panicked; it will be retried when its lease ends");
+                }
                 host
             });
         }
