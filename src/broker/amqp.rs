@@ -351,7 +351,7 @@ impl AmqpBroker {
             (topology.control_queue(device), topology.control_exchange()),
         ];
         for (queue, exchange) in pairs {
-            declare_queue(&live.declarer, &queue, topology.device_queue_arguments())
+            declare_queue(&live.declarer, &queue, topology.queue_arguments(&queue))
                 .await
                 .map_err(|error| classify(live, &error))?;
             live.declarer
@@ -463,12 +463,7 @@ async fn open_consumer(
         .create_channel()
         .await
         .map_err(|error| classify(live, &error))?;
-    let arguments = if queue == topology.reports_queue() {
-        topology.reports_queue_arguments()
-    } else {
-        topology.device_queue_arguments()
-    };
-    declare_queue(&channel, queue, arguments)
+    declare_queue(&channel, queue, topology.queue_arguments(queue))
         .await
         .map_err(|error| classify(live, &error))?;
     channel

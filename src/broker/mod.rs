@@ -295,7 +295,9 @@ impl Delivery {
         }
     }
 
-    /// Puts the message back at the head of its queue for another try.
+    /// Puts the message back in its queue for another try: first in line on
+    /// a classic queue and in the in-process broker, but behind the waiting
+    /// messages on a RabbitMQ 3.10 quorum queue.
     pub async fn requeue(&self) -> Result<(), BrokerError> {
         match &self.acker {
             Acker::Amqp(acker) => amqp::requeue(acker).await,
