@@ -20,6 +20,9 @@ pub struct Cli {
     pub command: CliCommand,
 }
 
+// The enum is built once per process, so the size of its largest variant
+// costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum CliCommand {
     /// Run the HTTP API and the server-side workers.
@@ -121,6 +124,17 @@ pub struct ServeArgs {
     /// "none" means they never expire.
     #[arg(long, env = "DISPATCHER_DEFAULT_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub default_ttl: Ttl,
+
+    /// Maximum number of unfinished (queued, sentToTarget or executing)
+    /// commands per device; a create beyond it is rejected with 429.
+    #[arg(long, env = "DISPATCHER_MAX_UNFINISHED_PER_DEVICE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_unfinished_per_device: u32,
+
+    /// How long an Idempotency-Key is remembered after the create that used
+    /// it, such as 24h; a sweep deletes older keys.
+    #[arg(long, env = "DISPATCHER_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_positive_duration)]
+    pub idempotency_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -170,6 +184,15 @@ fn parse_ttl(value: &str) -> Result<Ttl, String> {
         );
     }
     Ok(Ttl(Some(duration)))
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value)
+        .map_err(|error| format!("{error}; use a duration such as 24h"))?;
+    if duration.is_zero() {
+        return Err("the duration must be longer than zero".into());
+    }
+    Ok(duration)
 }
 
 impl CommonArgs {

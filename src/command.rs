@@ -76,7 +76,7 @@ impl Millis {
 }
 
 /// The delivery state of a command's postback, as shown on the command.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct PostbackSummary {
     #[serde(rename = "State")]
     pub state: String,
@@ -88,7 +88,8 @@ pub struct PostbackSummary {
 
 /// The command in Graph's shape, property names as the Create command page
 /// spells them. Absent values serialize as JSON `null`.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Command)]
 pub struct Representation<'a> {
     #[serde(rename = "@odata.type")]
     odata_type: &'static str,
@@ -103,9 +104,13 @@ pub struct Representation<'a> {
     package_family_name: Option<&'a str>,
     #[serde(rename = "Error")]
     error: Option<&'a str>,
+    /// The JSON object the client sent, byte for byte.
     #[serde(rename = "Payload")]
+    #[schema(value_type = Option<Object>)]
     payload: Option<&'a RawValue>,
+    /// The JSON value the device answered with.
     #[serde(rename = "ResponsePayload")]
+    #[schema(value_type = Option<Object>)]
     response_payload: Option<&'a RawValue>,
     #[serde(rename = "PermissionTicket")]
     permission_ticket: Option<&'a str>,

@@ -64,6 +64,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         default_ttl: args.default_ttl.0,
         relay_wake: Arc::new(Notify::new()),
         postback_wake: Arc::new(Notify::new()),
+        max_unfinished_per_device: args.max_unfinished_per_device,
+        idempotency_ttl: args.idempotency_ttl,
     };
     let context = Arc::new(ServerContext {
         store,

@@ -23,6 +23,23 @@ use tokio::sync::Mutex;
 /// Fault tests stop the broker that every test of this file uses.
 static TURN: Mutex<()> = Mutex::const_new(());
 
+/// Stops the RabbitMQ application until dropped, so that a test that fails
+/// during the outage still starts the broker again for the tests after it.
+struct BrokerOutage;
+
+impl BrokerOutage {
+    fn begin() -> Self {
+        rabbitmqctl(&["stop_app"]);
+        Self
+    }
+}
+
+impl Drop for BrokerOutage {
+    fn drop(&mut self) {
+        rabbitmqctl(&["start_app"]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_outage_loses_nothing() {
     let _turn = TURN.lock().await;
@@ -37,22 +54,20 @@ async fn broker_outage_loses_nothing() {
     }
 
     let mut ids = Vec::new();
-    let mut stopped = false;
+    let mut outage = None;
     for index in 0..200 {
         if index == 60 {
-            rabbitmqctl(&["stop_app"]);
-            stopped = true;
+            outage = Some(BrokerOutage::begin());
         }
         if index == 140 {
             // The broker was down for the creates in between, for several seconds.
             tokio::time::sleep(Duration::from_secs(3)).await;
-            rabbitmqctl(&["start_app"]);
-            stopped = false;
+            outage = None;
         }
         let device = &devices[index % devices.len()];
         ids.push(create(&server, "record", device, index, Some(&receiver.url)).await);
     }
-    assert!(!stopped);
+    assert!(outage.is_none());
 
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
     for id in &ids {

@@ -145,6 +145,16 @@ impl<'a> Fields<'a> {
 
         let postback_uri = match self.postback_uri {
             None => None,
+            Some(text) if text.trim().is_empty() => {
+                return Err(ApiError::bad_request(
+                    "property PostBackUri is empty; set it to an absolute http(s) URL, or leave it out or null for no postback",
+                ));
+            }
+            Some(text) if text.trim().eq_ignore_ascii_case("null") => {
+                return Err(ApiError::bad_request(
+                    "property PostBackUri is the string \"null\"; send JSON null or leave it out for no postback",
+                ));
+            }
             Some(text) => Some(
                 PostBackUri::parse(&text, context.allowed_networks)
                     .map_err(ApiError::bad_request)?

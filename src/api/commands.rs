@@ -1,25 +1,28 @@
-//! Create and read handlers for commands.
+//! Create, read and cancel handlers for one command.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use serde::Deserialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use super::AppState;
 use super::auth::Caller;
 use super::body::{CreateContext, parse_create};
 use super::error::ApiError;
-use crate::command::Command;
+use super::idempotency;
+use super::views::{
+    PostbackCollection, PostbackView, ResendAccepted, TransitionCollection, TransitionView,
+};
+use crate::command::{Command, Millis};
 use crate::domain::DeviceId;
+use crate::store::{CancelOutcome, CreateOptions, Created, IdempotencyRecord};
 
 /// Which URL family a request came through, which decides what it may see.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     /// `/commands/{id}`: any command.
     Any,
@@ -31,7 +34,7 @@ pub enum Route {
 
 #[derive(Deserialize)]
 pub struct DevicePath {
-    device_id: String,
+    pub device_id: String,
 }
 
 #[derive(Deserialize)]
@@ -82,41 +85,94 @@ async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_json_content_type(headers)?;
-    let body = body.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                status,
-                "requestEntityTooLarge",
-                format!(
-                    "request body is larger than {} bytes; send a smaller Payload",
-                    super::MAX_BODY_BYTES
-                ),
-            )
-        } else {
-            ApiError::bad_request(format!("cannot read the request body: {rejection}"))
-        }
-    })?;
-    let new = parse_create(
+    let key = idempotency::key_from(headers)?;
+    let body = body.map_err(body_rejection)?;
+    let now = Millis::now();
+    let idempotency = key.map(|key| IdempotencyRecord {
+        key,
+        request_hash: idempotency::request_hash(base, &body),
+        expires_at: now.saturating_add(state.idempotency_ttl),
+    });
+    let owner = caller.subject;
+    let parsed = parse_create(
         &body,
         CreateContext {
             path_device,
-            owner: caller.subject,
+            owner: owner.clone(),
             allowed_networks: &state.allowed_networks,
             default_ttl: state.default_ttl,
         },
-    )?;
-    let command = state.store.insert_command(new).await?;
-    state.relay_wake.notify_one();
-    tracing::info!(command_id = %command.id, device_id = %command.device_id, "command queued");
+    );
+    let new = match (parsed, &idempotency) {
+        (Ok(new), _) => new,
+        // A body that was valid when first sent can fail validation on a
+        // retry, such as an ExpirationDateTime that has passed since. The
+        // retry still returns the command that the first request created.
+        (Err(error), Some(record)) => match state.store.find_idempotent(&owner, record).await? {
+            Some(Created::Replayed(command)) => return Ok(created_response(base, &command, true)),
+            _ => return Err(error),
+        },
+        (Err(error), None) => return Err(error),
+    };
 
+    let options = CreateOptions {
+        max_unfinished_per_device: state.max_unfinished_per_device,
+        idempotency,
+    };
+    match state.store.create_command(new, &options).await? {
+        Created::New(command) => {
+            state.relay_wake.notify_one();
+            tracing::info!(command_id = %command.id, device_id = %command.device_id, "command queued");
+            Ok(created_response(base, &command, false))
+        }
+        Created::Replayed(command) => {
+            tracing::info!(command_id = %command.id, "create repeated with the same Idempotency-Key; nothing stored");
+            Ok(created_response(base, &command, true))
+        }
+        Created::KeyReused { key } => Err(ApiError::conflict(format!(
+            "Idempotency-Key {key:?} was already used for a different request (another route or body); \
+             use a new key for a new request, or resend the first request unchanged"
+        ))),
+        Created::DeviceFull { device, limit } => Err(ApiError::too_many_requests(format!(
+            "device {device} already has {limit} unfinished commands (queued, sentToTarget or executing), \
+             the maximum; retry when some have finished, or cancel some"
+        ))),
+    }
+}
+
+/// Builds the 201 response to a create, also when it repeats an earlier
+/// request.
+fn created_response(base: &str, command: &Command, replayed: bool) -> Response {
     let location = format!("{base}/{}", command.id);
-    Ok((
+    let mut response = (
         StatusCode::CREATED,
         [(header::LOCATION, location)],
         json_response(command.to_json(None)),
     )
-        .into_response())
+        .into_response();
+    if replayed {
+        response.headers_mut().insert(
+            idempotency::IDEMPOTENT_REPLAYED,
+            HeaderValue::from_static("true"),
+        );
+    }
+    response
+}
+
+fn body_rejection(rejection: BytesRejection) -> ApiError {
+    let status = rejection.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            status,
+            "requestEntityTooLarge",
+            format!(
+                "request body is larger than {} bytes; send a smaller Payload",
+                super::MAX_BODY_BYTES
+            ),
+        )
+    } else {
+        ApiError::bad_request(format!("cannot read the request body: {rejection}"))
+    }
 }
 
 /// Accepts `application/json` with any parameters, such as a charset.
@@ -142,32 +198,7 @@ fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// The read routes under one command URL.
-pub fn read_routes(base: &str, route: Route) -> Router<AppState> {
-    Router::new()
-        .route(
-            base,
-            get(move |state, caller, path| get_command(state, caller, path, route)),
-        )
-        .route(
-            &format!("{base}/responsePayload"),
-            get(move |state, caller, path| get_response_payload(state, caller, path, route)),
-        )
-        .route(
-            &format!("{base}/history"),
-            get(move |state, caller, path| get_history(state, caller, path, route)),
-        )
-        .route(
-            &format!("{base}/postbacks"),
-            get(move |state, caller, path| get_postbacks(state, caller, path, route)),
-        )
-        .route(
-            &format!("{base}/postbacks/resend"),
-            post(move |state, caller, path| resend_postback(state, caller, path, route)),
-        )
-}
-
-async fn get_command(
+pub async fn get_command(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<CommandPath>, PathRejection>,
@@ -178,7 +209,7 @@ async fn get_command(
     Ok(json_response(command.to_json(summary.as_ref())))
 }
 
-async fn get_response_payload(
+pub async fn get_response_payload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<CommandPath>, PathRejection>,
@@ -192,72 +223,33 @@ async fn get_response_payload(
     ))
 }
 
-async fn get_history(
+pub async fn get_history(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<CommandPath>, PathRejection>,
     route: Route,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<TransitionCollection>, ApiError> {
     let command = load_visible(&state, &caller, path, route).await?;
     let transitions = state.store.transitions(command.id).await?;
-    let value: Vec<_> = transitions
-        .iter()
-        .map(|transition| {
-            json!({
-                "Status": transition.status.as_str(),
-                "DateTime": transition.at.to_rfc3339(),
-                "Source": transition.source,
-                "Error": transition.error,
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "value": value })))
+    Ok(Json(TransitionCollection {
+        value: transitions.iter().map(TransitionView::from).collect(),
+    }))
 }
 
-async fn get_postbacks(
+pub async fn get_postbacks(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<CommandPath>, PathRejection>,
     route: Route,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<PostbackCollection>, ApiError> {
     let command = load_visible(&state, &caller, path, route).await?;
     let records = state.store.postbacks_of(command.id).await?;
-    let value: Vec<_> = records
-        .iter()
-        .map(|record| {
-            let attempts: Vec<_> = record
-                .attempt_log
-                .iter()
-                .map(|attempt| {
-                    json!({
-                        "Attempt": attempt.attempt,
-                        "DateTime": attempt.at.to_rfc3339(),
-                        "StatusCode": attempt.status_code,
-                        "Outcome": attempt.outcome,
-                        "Error": attempt.error,
-                        "DurationMs": attempt.duration_ms,
-                    })
-                })
-                .collect();
-            json!({
-                "id": record.id,
-                "Url": record.url,
-                "Sequence": record.sequence,
-                "State": record.state,
-                "Attempts": record.attempts,
-                "LastStatusCode": record.last_status,
-                "LastError": record.last_error,
-                "CreatedDateTime": record.created_at.to_rfc3339(),
-                "FinishedDateTime": record.finished_at.map(|at| at.to_rfc3339()),
-                "NextAttemptDateTime": record.next_attempt_at.map(|at| at.to_rfc3339()),
-                "AttemptLog": attempts,
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "value": value })))
+    Ok(Json(PostbackCollection {
+        value: records.iter().map(PostbackView::from).collect(),
+    }))
 }
 
-async fn resend_postback(
+pub async fn resend_postback(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<CommandPath>, PathRejection>,
@@ -280,9 +272,52 @@ async fn resend_postback(
     tracing::info!(command_id = %command.id, postback_id = %id, "postback queued again by request");
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "State": "pending" })),
+        Json(ResendAccepted {
+            id,
+            state: "pending",
+        }),
     )
         .into_response())
+}
+
+/// Cancels a queued command at once, or requests that the agent stop one
+/// that reached its device.
+pub async fn cancel_command(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<CommandPath>, PathRejection>,
+    route: Route,
+) -> Result<Response, ApiError> {
+    let command = load_visible(&state, &caller, path, route).await?;
+    let (status, command) = match state
+        .store
+        .request_cancel(command.id, Millis::now())
+        .await?
+    {
+        CancelOutcome::Canceled(command) => {
+            tracing::info!(command_id = %command.id, device_id = %command.device_id, "command canceled by request");
+            (StatusCode::OK, command)
+        }
+        CancelOutcome::Requested(command) => {
+            tracing::info!(command_id = %command.id, device_id = %command.device_id, status = %command.status, "cancel requested from the agent");
+            (StatusCode::ACCEPTED, command)
+        }
+        CancelOutcome::AlreadyFinal(command) => {
+            return Err(ApiError::conflict(format!(
+                "command {} is already {}; only a queued, sentToTarget or executing command can be canceled",
+                command.id, command.status
+            )));
+        }
+        CancelOutcome::NotFound => {
+            return Err(ApiError::not_found(format!(
+                "command {} was not found",
+                command.id
+            )));
+        }
+    };
+    state.relay_wake.notify_one();
+    state.postback_wake.notify_one();
+    Ok((status, json_response(command.to_json(None))).into_response())
 }
 
 /// Loads a command the caller may see through `route`, or answers 404 in
@@ -315,17 +350,17 @@ async fn load_visible(
     }
 }
 
-fn parse_device(value: &str) -> Result<DeviceId, ApiError> {
+pub fn parse_device(value: &str) -> Result<DeviceId, ApiError> {
     DeviceId::parse(value)
         .map_err(|error| ApiError::bad_request(format!("deviceId in the URL is invalid: {error}")))
 }
 
-fn path_value<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+pub fn path_value<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
     path.map(|Path(value)| value).map_err(|rejection| {
         ApiError::bad_request(format!("URL path is invalid: {}", rejection.body_text()))
     })
 }
 
-fn json_response(body: String) -> Response {
+pub fn json_response(body: String) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

@@ -1,12 +1,50 @@
 //! The one error type of the HTTP API, answered in Graph's error shape:
-//! `{"error": {"code": "...", "message": "..."}}`.
+//! `{"error": {"code": "...", "message": "...", "innerError": {...}}}`.
+//! The `innerError` object is added by [`super::request_id`], which knows
+//! the request.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::store::StoreError;
+
+/// The body of every error response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = ErrorResponse)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable machine-readable code, such as `badRequest` or `itemNotFound`.
+    pub code: String,
+    /// A sentence that names the invalid value and the fix.
+    pub message: String,
+    #[serde(rename = "innerError", skip_serializing_if = "Option::is_none")]
+    pub inner_error: Option<InnerError>,
+}
+
+/// Where and when the error happened, to quote when reporting it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InnerError {
+    /// The `request-id` response header, also a field of the service's log
+    /// lines for this request.
+    #[serde(rename = "request-id")]
+    pub request_id: String,
+    /// The `client-request-id` header the client sent, if any.
+    #[serde(
+        rename = "client-request-id",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub client_request_id: Option<String>,
+    /// When the service answered, in UTC.
+    pub date: String,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -36,6 +74,10 @@ impl ApiError {
 
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    pub fn too_many_requests(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "tooManyRequests", message)
     }
 
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
@@ -78,7 +120,13 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+                inner_error: None,
+            },
+        };
         let mut response = (self.status, Json(body)).into_response();
         match self.status {
             StatusCode::UNAUTHORIZED => {

@@ -2,16 +2,23 @@
 
 pub mod auth;
 mod body;
-mod commands;
+pub mod commands;
 pub mod error;
+mod filter;
+mod idempotency;
+mod listing;
+pub mod openapi;
+mod query;
+mod request_id;
+pub mod routes;
+mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use axum::middleware;
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -20,6 +27,7 @@ use tower_http::trace::TraceLayer;
 
 use self::auth::JwtKeys;
 use self::error::ApiError;
+use self::request_id::{CLIENT_REQUEST_ID, REQUEST_ID};
 use crate::broker::Broker;
 use crate::net::address::AllowedNetworks;
 use crate::store::Store;
@@ -36,60 +44,48 @@ pub struct AppState {
     pub default_ttl: Option<Duration>,
     /// Woken after each create so the relay publishes at once.
     pub relay_wake: Arc<Notify>,
-    /// Woken after an operator re-sends a postback.
+    /// Woken after an operator re-sends a postback or a cancel creates one.
     pub postback_wake: Arc<Notify>,
+    /// Maximum number of unfinished commands per device; creates beyond it get 429.
+    pub max_unfinished_per_device: u32,
+    /// How long an `Idempotency-Key` is remembered after its create.
+    pub idempotency_ttl: Duration,
 }
 
 /// Largest accepted request body in bytes. RabbitMQ 3.10 accepts messages of
 /// up to 128 MiB by default, so every accepted body fits in one message.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
-
 pub fn router(state: AppState) -> Router {
-    let authenticated = Router::new()
-        .route("/commands", post(commands::create_any))
-        .route(
-            "/devices/{device_id}/commands",
-            post(commands::create_for_device),
-        )
-        .route(
-            "/me/devices/{device_id}/commands",
-            post(commands::create_for_my_device),
-        )
-        .merge(commands::read_routes(
-            "/commands/{id}",
-            commands::Route::Any,
-        ))
-        .merge(commands::read_routes(
-            "/devices/{device_id}/commands/{id}",
-            commands::Route::Device,
-        ))
-        .merge(commands::read_routes(
-            "/me/devices/{device_id}/commands/{id}",
-            commands::Route::Me,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ));
+    let authenticated = routes::operations_router(true).route_layer(
+        middleware::from_fn_with_state(state.clone(), auth::require_token),
+    );
 
-    Router::new()
-        .route("/health", get(health))
-        .route("/health/ready", get(ready))
+    routes::operations_router(false)
         .merge(authenticated)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(request_id::annotate_errors))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-            let request_id = request
-                .headers()
-                .get(REQUEST_ID)
-                .and_then(|value| value.to_str().ok())
-                .unwrap_or_default();
-            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
-        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let header = |name| {
+                    request
+                        .headers()
+                        .get(name)
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default()
+                };
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    request_id = header(&REQUEST_ID),
+                    client_request_id = header(&CLIENT_REQUEST_ID),
+                )
+            }),
+        )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
 }

@@ -244,7 +244,10 @@ impl Broker {
                 }
             };
             loop {
+                // Biased: when a stop was requested and a delivery is also
+                // waiting, the stop wins, so no new work starts after it.
                 let next = tokio::select! {
+                    biased;
                     () = shutdown.cancelled() => return,
                     next = consumer.next() => next,
                 };

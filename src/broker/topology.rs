@@ -155,12 +155,17 @@ mod tests {
     }
 
     #[test]
-    fn longest_device_queue_fits_amqp_limit() {
-        let prefix =
-            "p".repeat(MAX_AMQP_NAME_BYTES - DEVICE_QUEUE_INFIX.len() - MAX_DEVICE_ID_BYTES);
-        let topology = Topology::new(&prefix, QueueKind::Classic).unwrap();
+    fn longest_queue_names_fit_amqp_limit() {
+        let topology = Topology::new(&"p".repeat(MAX_PREFIX_BYTES), QueueKind::Classic).unwrap();
         let device = DeviceId::parse(&"d".repeat(MAX_DEVICE_ID_BYTES)).unwrap();
-        assert_eq!(topology.device_queue(&device).len(), MAX_AMQP_NAME_BYTES);
+        assert_eq!(topology.control_queue(&device).len(), MAX_AMQP_NAME_BYTES);
+        assert!(topology.device_queue(&device).len() < MAX_AMQP_NAME_BYTES);
+    }
+
+    #[test]
+    fn prefix_one_byte_too_long_is_rejected() {
+        let prefix = "p".repeat(MAX_PREFIX_BYTES + 1);
+        assert!(Topology::new(&prefix, QueueKind::Classic).is_err());
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `dispatcher serve`: the HTTP API plus the server-side workers (outbox
-//! relay, report worker, expiry sweeper, postback sender), and optionally
-//! in-process agents, all stopped by one cancellation token.
+//! relay, report worker, expiry sweeper, idempotency-key sweeper, postback
+//! sender), and optionally in-process agents, all stopped by one
+//! cancellation token.
 
 mod expiry;
+mod idempotency_sweep;
 mod postbacks;
 mod relay;
 mod reports;
@@ -124,6 +126,7 @@ impl Service {
             )),
             Box::pin(reports::run(context.clone(), shutdown.clone())),
             Box::pin(expiry::run(context.clone(), shutdown.clone())),
+            Box::pin(idempotency_sweep::run(context.clone(), shutdown.clone())),
         ]
     }
 

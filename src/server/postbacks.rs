@@ -2,10 +2,12 @@
 //! signs every attempt, and schedules retries.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -95,61 +97,104 @@ async fn start_due(
     per_host: &mut HashMap<String, usize>,
 ) {
     let now = Millis::now();
-    // Read more than there are free slots, because rows of busy receivers
-    // are passed over.
-    let limit = i64::try_from(settings.max_in_flight * 4).unwrap_or(i64::MAX);
-    let due = match context.store.due_postbacks(now, limit).await {
-        Ok(due) => due,
-        Err(error) => {
-            tracing::warn!(%error, "cannot read due postbacks");
-            return;
-        }
-    };
+    // Read more than there are free slots, because rows of receivers that
+    // reach their maximum during the pass are passed over.
+    let limit = settings.max_in_flight * 4;
     // The lease outlives the attempt's deadline with room to record the
     // outcome; a sender that dies mid-attempt frees the row when it ends.
-    // Attempts never wait for a slot in the client, because this loop keeps
-    // to the per-host cap that `run::serve` also gives the client, so the
-    // deadline bounds the whole attempt.
+    // This loop keeps to the same per-receiver cap that `run::serve` gives the
+    // client, so attempts do not wait for a slot there and the deadline bounds
+    // the whole attempt.
+    // NOTE: this loop counts per origin and the client per host and port, so
+    // `http://h:8443` and `https://h:8443` together can make an attempt wait
+    // in the client and outlive its lease, which at worst sends it twice.
     let lease_until = now.saturating_add(settings.attempt_timeout + LEASE_MARGIN);
-    for postback in due {
-        if tasks.len() >= settings.max_in_flight {
-            break;
-        }
-        let host = host_key(&postback.url);
-        if per_host.get(&host).copied().unwrap_or(0) >= settings.max_in_flight_per_host {
-            continue;
-        }
-        match context
-            .store
-            .lease_postback(postback.id, now, lease_until)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(error) => {
-                tracing::warn!(postback_id = %postback.id, %error, "cannot lease a postback");
+    // Receivers without a free slot are left out of the query. A full page
+    // in which a receiver ran out of slots may hide rows of other receivers,
+    // so the query runs again without it. Each repeat leaves out one more
+    // receiver, so the passes end.
+    loop {
+        let busy = busy_origins(per_host, settings.max_in_flight_per_host);
+        let Some(due) = read_due(context, now, &busy, limit).await else {
+            return;
+        };
+        let page_full = due.len() >= limit;
+        for postback in due {
+            if tasks.len() >= settings.max_in_flight {
+                return;
+            }
+            let host = host_key(&postback.url);
+            if per_host.get(&host).copied().unwrap_or(0) >= settings.max_in_flight_per_host {
                 continue;
             }
+            match context
+                .store
+                .lease_postback(postback.id, now, lease_until)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::warn!(postback_id = %postback.id, %error, "cannot lease a postback");
+                    continue;
+                }
+            }
+            *per_host.entry(host.clone()).or_default() += 1;
+            let (context, client, settings) = (context.clone(), client.clone(), settings.clone());
+            tasks.spawn(async move {
+                // A panicking attempt still hands its receiver's slot back;
+                // its lease runs out and another attempt follows.
+                let id = postback.id;
+                let attempt = AssertUnwindSafe(deliver(&context, &client, &settings, postback));
+                if attempt.catch_unwind().await.is_err() {
+                    tracing::error!(postback_id = %id, "postback attempt panicked; it will be retried when its lease ends");
+                }
+                host
+            });
         }
-        *per_host.entry(host.clone()).or_default() += 1;
-        let (context, client, settings) = (context.clone(), client.clone(), settings.clone());
-        tasks.spawn(async move {
-            deliver(&context, &client, &settings, postback).await;
-            host
-        });
+        let newly_busy = busy_origins(per_host, settings.max_in_flight_per_host).len() > busy.len();
+        if !page_full || !newly_busy {
+            return;
+        }
     }
 }
 
+async fn read_due(
+    context: &ServerContext,
+    now: Millis,
+    busy: &[String],
+    limit: usize,
+) -> Option<Vec<DuePostback>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    match context.store.due_postbacks(now, busy, limit).await {
+        Ok(due) => Some(due),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read due postbacks");
+            None
+        }
+    }
+}
+
+/// Origins of the receivers that have no free slot, in the form of
+/// [`host_key`], without the empty key of unparsable URLs.
+fn busy_origins(per_host: &HashMap<String, usize>, max_per_host: usize) -> Vec<String> {
+    per_host
+        .iter()
+        .filter(|(origin, count)| !origin.is_empty() && **count >= max_per_host)
+        .map(|(origin, _)| origin.clone())
+        .collect()
+}
+
+/// Returns the receiver of a URL as its origin, such as `https://example.com`
+/// or `http://127.0.0.1:8080`, the form that
+/// [`crate::store::Store::due_postbacks`] matches against stored URLs. An
+/// unparsable or non-HTTP URL gives "".
 fn host_key(url: &str) -> String {
     Url::parse(url)
-        .map(|url| {
-            format!(
-                "{}://{}:{}",
-                url.scheme(),
-                url.host_str().unwrap_or_default(),
-                url.port_or_known_default().unwrap_or(0)
-            )
-        })
+        .ok()
+        .map(|url| url.origin())
+        .filter(url::Origin::is_tuple)
+        .map(|origin| origin.ascii_serialization())
         .unwrap_or_default()
 }
 
@@ -255,5 +300,45 @@ fn log_attempt(postback: &DuePostback, record: &AttemptRecord, state: &str, next
             postback_id = %postback.id, command_id = %postback.command_id, attempt = record.attempt,
             status = ?record.status_code, error, outcome = %record.outcome, "postback failed for good"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_key_prefixes_the_normalized_url() {
+        // The store leaves out a busy receiver's rows by this prefix, so it
+        // must hold for every form a PostBackUri is stored in.
+        let cases = [
+            ("http://127.0.0.1:8080/hooks", "http://127.0.0.1:8080"),
+            ("HTTPS://Example.COM:443/a?b=c", "https://example.com"),
+            ("http://example.com:80", "http://example.com"),
+            ("http://[::1]:9000/x", "http://[::1]:9000"),
+            ("http://bücher.example/", "http://xn--bcher-kva.example"),
+        ];
+        for (text, expected) in cases {
+            let stored = Url::parse(text).unwrap().to_string();
+            let key = host_key(&stored);
+            assert_eq!(key, expected, "{text}");
+            assert!(stored.starts_with(&format!("{key}/")), "{stored} {key}");
+        }
+    }
+
+    #[test]
+    fn host_key_of_invalid_url_is_empty() {
+        assert_eq!(host_key("not a url"), "");
+        assert_eq!(host_key("mailto:hooks@example.com"), "");
+    }
+
+    #[test]
+    fn busy_origins_lists_full_hosts_only() {
+        let per_host = HashMap::from([
+            ("http://a.example".to_owned(), 4),
+            ("http://b.example".to_owned(), 3),
+            (String::new(), 4),
+        ]);
+        assert_eq!(busy_origins(&per_host, 4), ["http://a.example"]);
     }
 }

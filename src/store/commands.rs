@@ -50,55 +50,9 @@ impl Store {
     /// Stores a new `queued` command together with its pending publish, in
     /// one transaction, so a command is never stored without its message.
     pub async fn insert_command(&self, new: NewCommand) -> Result<Command, StoreError> {
-        let now = Millis::now();
-        let command = Command {
-            // Version 7 ids sort by creation time, which keeps indexes
-            // append-mostly and gives listings a stable tie-break.
-            id: Uuid::now_v7(),
-            device_id: new.device_id,
-            owner: new.owner,
-            status: CommandStatus::Queued,
-            command_type: new.command_type,
-            app_service_name: new.app_service_name,
-            package_family_name: new.package_family_name,
-            error: None,
-            payload: new.payload,
-            response_payload: None,
-            permission_ticket: new.permission_ticket,
-            postback_uri: new.postback_uri,
-            created_at: now,
-            last_action_at: now,
-            expires_at: new.expires_at,
-        };
-
+        let command = new_queued_command(new, Millis::now());
         let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
-        sqlx::query(
-            "INSERT INTO commands (id, device_id, owner, status, command_type, app_service_name, \
-             package_family_name, error, payload, response_payload, permission_ticket, postback_uri, \
-             created_at, last_action_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, NULL, $9, $10, $11, $11, $12)",
-        )
-        .bind(command.id.to_string())
-        .bind(command.device_id.as_str())
-        .bind(&command.owner)
-        .bind(command.status.as_str())
-        .bind(command.command_type.as_str())
-        .bind(&command.app_service_name)
-        .bind(&command.package_family_name)
-        .bind(&command.payload)
-        .bind(&command.permission_ticket)
-        .bind(&command.postback_uri)
-        .bind(now.0)
-        .bind(command.expires_at.map(|m| m.0))
-        .execute(&mut *tx)
-        .await?;
-        insert_transition(&mut tx, command.id, CommandStatus::Queued, now, "api", None).await?;
-        sqlx::query("INSERT INTO outbox (command_id, device_id, available_at) VALUES ($1, $2, $3)")
-            .bind(command.id.to_string())
-            .bind(command.device_id.as_str())
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await?;
+        insert_command_rows(&mut tx, &command).await?;
         self.notify_outbox(&mut tx).await?;
         tx.commit().await?;
         Ok(command)
@@ -316,4 +270,70 @@ async fn insert_transition(
             .await?
             .try_get("n")?;
     Ok(count)
+}
+
+/// A new `queued` command made from a validated request at `now`.
+pub(super) fn new_queued_command(new: NewCommand, now: Millis) -> Command {
+    Command {
+        // Version 7 ids sort by creation time, which keeps indexes
+        // append-mostly and gives listings a stable tie-break.
+        id: Uuid::now_v7(),
+        device_id: new.device_id,
+        owner: new.owner,
+        status: CommandStatus::Queued,
+        command_type: new.command_type,
+        app_service_name: new.app_service_name,
+        package_family_name: new.package_family_name,
+        error: None,
+        payload: new.payload,
+        response_payload: None,
+        permission_ticket: new.permission_ticket,
+        postback_uri: new.postback_uri,
+        created_at: now,
+        last_action_at: now,
+        expires_at: new.expires_at,
+    }
+}
+
+/// Inserts `command`, its first transition and its outbox row.
+pub(super) async fn insert_command_rows(
+    tx: &mut Transaction<'_, Any>,
+    command: &Command,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO commands (id, device_id, owner, status, command_type, app_service_name, \
+         package_family_name, error, payload, response_payload, permission_ticket, postback_uri, \
+         created_at, last_action_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, NULL, $9, $10, $11, $11, $12)",
+    )
+    .bind(command.id.to_string())
+    .bind(command.device_id.as_str())
+    .bind(&command.owner)
+    .bind(command.status.as_str())
+    .bind(command.command_type.as_str())
+    .bind(&command.app_service_name)
+    .bind(&command.package_family_name)
+    .bind(&command.payload)
+    .bind(&command.permission_ticket)
+    .bind(&command.postback_uri)
+    .bind(command.created_at.0)
+    .bind(command.expires_at.map(|m| m.0))
+    .execute(&mut **tx)
+    .await?;
+    insert_transition(
+        tx,
+        command.id,
+        CommandStatus::Queued,
+        command.created_at,
+        "api",
+        None,
+    )
+    .await?;
+    sqlx::query("INSERT INTO outbox (command_id, device_id, available_at) VALUES ($1, $2, $3)")
+        .bind(command.id.to_string())
+        .bind(command.device_id.as_str())
+        .bind(command.created_at.0)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

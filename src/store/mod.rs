@@ -17,7 +17,9 @@ macro_rules! command_columns {
 
 mod cancel;
 mod commands;
+mod create;
 mod leader;
+mod listing;
 mod outbox;
 mod postbacks;
 
@@ -32,7 +34,9 @@ use uuid::Uuid;
 
 pub use cancel::{CancelOutcome, OUTBOX_CANCEL, OUTBOX_COMMAND};
 pub use commands::{Applied, StatusChange, Transition};
+pub use create::{CreateOptions, Created, IdempotencyRecord};
 pub use leader::{OUTBOX_CHANNEL, RelayLeadership};
+pub use listing::{Cursor, ListQuery, ListScope};
 pub use outbox::OutboxItem;
 pub use postbacks::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING, PostbackRecord};
 

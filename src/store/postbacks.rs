@@ -88,23 +88,38 @@ impl Store {
         Ok(Some(id))
     }
 
-    /// Deliveries due at `now`, earliest first.
+    /// Reads the deliveries due at `now`, earliest first, except those to the
+    /// origins in `skipped_origins` (each `scheme://host[:port]` as
+    /// `url::Origin::ascii_serialization` writes it). The sender skips
+    /// receivers that have no free slot here, because their backlog would
+    /// otherwise fill the page and hide every other receiver's deliveries.
     pub async fn due_postbacks(
         &self,
         now: Millis,
+        skipped_origins: &[String],
         limit: i64,
     ) -> Result<Vec<DuePostback>, StoreError> {
-        let rows = sqlx::query(
+        let mut sql = String::from(
             "SELECT id, command_id, url, body, sequence, attempts FROM postbacks \
-             WHERE state = $1 AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until <= $2) \
-             ORDER BY next_attempt_at, id LIMIT $3",
-        )
-        .bind(PENDING)
-        .bind(now.0)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(|e| self.error(e))?;
+             WHERE state = $1 AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until <= $2)",
+        );
+        // A stored URL is normalized, so it starts with its origin and a
+        // slash. The placeholders after $3 hold the origin patterns.
+        for index in 0..skipped_origins.len() {
+            sql.push_str(&format!(" AND url NOT LIKE ${} ESCAPE '\\'", index + 4));
+        }
+        sql.push_str(" ORDER BY next_attempt_at, id LIMIT $3");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(PENDING)
+            .bind(now.0)
+            .bind(limit);
+        for origin in skipped_origins {
+            query = query.bind(format!("{}/%", escape_like(origin)));
+        }
+        let rows = query
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.error(e))?;
         rows.iter()
             .map(|row| {
                 Ok(DuePostback {
@@ -263,6 +278,31 @@ impl Store {
     }
 }
 
+/// Escapes the LIKE wildcards `%` and `_`, and the escape character `\`
+/// itself, so that `text` matches only itself.
+fn escape_like(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        if matches!(character, '\\' | '%' | '_') {
+            escaped.push('\\');
+        }
+        escaped.push(character);
+    }
+    escaped
+}
+
 fn parse_uuid(text: String) -> Result<Uuid, StoreError> {
     Uuid::parse_str(&text).map_err(|error| StoreError::Corrupt(format!("id {text:?}: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_like_escapes_wildcards() {
+        assert_eq!(escape_like("http://a_b.example"), "http://a\\_b.example");
+        assert_eq!(escape_like("100%\\"), "100\\%\\\\");
+        assert_eq!(escape_like("http://[::1]:80"), "http://[::1]:80");
+    }
 }

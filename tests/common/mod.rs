@@ -95,12 +95,18 @@ pub struct TestEnv {
     pub prefix: String,
     pub broker: BrokerKind,
     pub database_url: String,
+    /// Flags that `serve` gets after the harness's own. Only for flags that
+    /// `serve_flags` does not contain, because clap rejects a single-value
+    /// flag given twice.
     pub extra_serve_args: Vec<String>,
     /// `--queue-type` for serve and agents; unset means the default.
     pub queue_type: Option<&'static str>,
     /// `--amqp-url` for serve and agents on RabbitMQ; unset means the
     /// single test node.
     pub amqp_url: Option<String>,
+    /// Single-value flags and their values, passed to every `serve`. Change
+    /// one with [`TestEnv::set_serve_flag`].
+    serve_flags: Vec<(String, String)>,
 }
 
 impl TestEnv {
@@ -128,6 +134,16 @@ impl TestEnv {
             extra_serve_args: Vec::new(),
             queue_type: None,
             amqp_url: None,
+            serve_flags: default_serve_flags(),
+        }
+    }
+
+    /// Sets the value of a single-value `serve` flag, replacing the harness
+    /// default if there is one, for every later [`TestEnv::serve`].
+    pub fn set_serve_flag(&mut self, flag: &str, value: &str) {
+        match self.serve_flags.iter_mut().find(|(name, _)| name == flag) {
+            Some(entry) => entry.1 = value.to_owned(),
+            None => self.serve_flags.push((flag.to_owned(), value.to_owned())),
         }
     }
 
@@ -144,15 +160,11 @@ impl TestEnv {
             "127.0.0.1:0".into(),
             "--database-url".into(),
             self.database_url.clone(),
-            "--postback-allowed-networks".into(),
-            "127.0.0.0/8,::1/128".into(),
-            "--webhook-secrets".into(),
-            WEBHOOK_SECRET.into(),
-            "--postback-retry-delays".into(),
-            "200ms,400ms,800ms".into(),
-            "--postback-timeout".into(),
-            "2s".into(),
         ];
+        for (flag, value) in &self.serve_flags {
+            args.push(flag.clone());
+            args.push(value.clone());
+        }
         for agent in agents {
             args.push("--agent".into());
             args.push((*agent).into());
@@ -198,6 +210,21 @@ impl TestEnv {
         }
         vars
     }
+}
+
+/// Returns the postback flags every test starts with: loopback receivers
+/// allowed, the shared test secret, and retries and timeouts short enough
+/// for tests.
+fn default_serve_flags() -> Vec<(String, String)> {
+    [
+        ("--postback-allowed-networks", "127.0.0.0/8,::1/128"),
+        ("--webhook-secrets", WEBHOOK_SECRET),
+        ("--postback-retry-delays", "200ms,400ms,800ms"),
+        ("--postback-timeout", "2s"),
+    ]
+    .into_iter()
+    .map(|(flag, value)| (flag.to_owned(), value.to_owned()))
+    .collect()
 }
 
 /// A fresh database for one test: a SQLite file, or a new PostgreSQL
@@ -369,6 +396,16 @@ impl Client {
             .await
             .expect("GET reaches the server");
         Response::read(response).await
+    }
+
+    /// The absolute URL of `path` on this server.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request built by the test, which sets its own headers.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Response {
+        Response::read(request.send().await.expect("request reaches the server")).await
     }
 
     /// Creates an `echo` command for `device` and returns its id.

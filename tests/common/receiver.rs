@@ -1,10 +1,11 @@
-//! A real webhook receiver on 127.0.0.1 that records what it gets and
-//! answers from a script, so tests can make it fail, stall or succeed.
+//! A real webhook receiver on loopback that records what it gets and
+//! responds from a script, so tests can make it fail, stall or succeed.
 
 use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -20,6 +21,10 @@ pub struct Received {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: Instant,
+    /// Wall-clock time of arrival, for checks of `webhook-timestamp`.
+    pub time: SystemTime,
+    /// Status the receiver responded with, or `None` for [`Reply::Hang`].
+    pub status: Option<u16>,
 }
 
 impl Received {
@@ -63,10 +68,22 @@ pub struct Receiver {
 impl Receiver {
     /// Starts a receiver on 127.0.0.1 that answers 200 unless scripted.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind receiver");
-        let port = listener.local_addr().expect("address").port();
+        Self::serve(listener)
+    }
+
+    /// Starts a receiver on `ip`, such as `::1`, or returns the bind error,
+    /// because a host may have no IPv6 loopback.
+    pub async fn start_on(ip: IpAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((ip, 0)).await?;
+        Ok(Self::serve(listener))
+    }
+
+    fn serve(listener: TcpListener) -> Self {
+        let address = listener.local_addr().expect("address");
+        let port = address.port();
         let shared = Shared::default();
         let app = axum::Router::new()
             .fallback(record)
@@ -78,8 +95,10 @@ impl Receiver {
         let task = tokio::spawn(async move {
             axum::serve(counting, app).await.expect("receiver serves");
         });
+        // SocketAddr writes an IPv6 address in brackets, as URLs need.
+        let authority = SocketAddr::new(address.ip(), port);
         Self {
-            url: format!("http://127.0.0.1:{port}/hooks/commands"),
+            url: format!("http://{authority}/hooks/commands"),
             port,
             shared,
             task,
@@ -89,6 +108,11 @@ impl Receiver {
     /// Answers the next requests with `replies`, in order, then 200 again.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.shared.script.lock().unwrap().extend(replies);
+    }
+
+    /// Drops the replies not yet used, so the next requests get 200.
+    pub fn clear_script(&self) {
+        self.shared.script.lock().unwrap().clear();
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -117,18 +141,24 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    shared.received.lock().unwrap().push(Received {
-        path: uri.path().to_owned(),
-        headers,
-        body,
-        at: Instant::now(),
-    });
     let reply = shared
         .script
         .lock()
         .unwrap()
         .pop_front()
         .unwrap_or(Reply::Status(200));
+    let status = match &reply {
+        Reply::Status(code) | Reply::WithHeaders(code, _) => Some(*code),
+        Reply::Hang => None,
+    };
+    shared.received.lock().unwrap().push(Received {
+        path: uri.path().to_owned(),
+        headers,
+        body,
+        at: Instant::now(),
+        time: SystemTime::now(),
+        status,
+    });
     match reply {
         Reply::Status(code) => StatusCode::from_u16(code)
             .expect("valid status")
