@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use command_dispatcher::broker::{
-    Broker, Destination, MessageProperties, OutgoingMessage, QueueKind, Topology,
+    Broker, BrokerError, Destination, MessageProperties, OutgoingMessage, PublishBatch, QueueKind,
+    Topology,
 };
 use command_dispatcher::domain::DeviceId;
 use common::receiver::Receiver;
@@ -499,4 +500,55 @@ async fn stopped_server_exits_cleanly_and_resumes() {
         );
     }
     assert_once_and_in_order(&executions(&log), 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_stops_at_lost_connection() {
+    let _turn = TURN.lock().await;
+    let prefix = format!("f{}", uuid::Uuid::new_v4().simple());
+    let name = format!("batch test ({prefix})");
+    let topology = Topology::new(&prefix, QueueKind::Classic).unwrap();
+    let broker = Broker::new(Some(&amqp_url()), topology, &name);
+    let kiosk = DeviceId::parse("kiosk").unwrap();
+    let message = |body: &str| OutgoingMessage {
+        destination: Destination::Device(kiosk.clone()),
+        properties: MessageProperties::default(),
+        body: body.as_bytes().to_vec(),
+    };
+
+    let batch = PublishBatch::default();
+    broker.publish_in(&message("1"), &batch).await.unwrap();
+    let connections = rabbitmqctl(&["list_connections", "pid", "client_properties"]);
+    let pid = connections
+        .lines()
+        .find(|line| line.contains(&name))
+        .and_then(|line| line.split('\t').next())
+        .unwrap_or_else(|| panic!("no connection named {name:?} in {connections}"));
+    rabbitmqctl(&[
+        "close_connection",
+        pid,
+        "fault test closes the batch connection",
+    ]);
+
+    // The next publish of the batch would open a new connection; the batch
+    // refuses it, so the message cannot get ahead of any lost one.
+    let second = broker.publish_in(&message("2"), &batch).await;
+    assert!(
+        matches!(second, Err(BrokerError::Unavailable(_))),
+        "a publish after the batch's connection was lost returned {second:?}"
+    );
+    broker
+        .publish_in(&message("2"), &PublishBatch::default())
+        .await
+        .expect("a new batch publishes on a new connection");
+
+    let queue = broker.topology().device_queue(&kiosk);
+    let mut bodies = Vec::new();
+    while let Some(delivery) = broker.get(&queue).await.unwrap() {
+        bodies.push(String::from_utf8(delivery.body.clone()).unwrap());
+        delivery.ack().await.unwrap();
+    }
+    println!("after the lost connection the queue held {bodies:?}");
+    assert_eq!(bodies, ["1", "2"]);
+    broker.close().await;
 }

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -24,7 +24,8 @@ use lapin::{
 use tokio::sync::Mutex;
 
 use super::{
-    Acker, BrokerError, Delivery, Destination, MessageProperties, OutgoingMessage, Topology,
+    Acker, BrokerError, Delivery, Destination, MessageProperties, OutgoingMessage, PublishBatch,
+    Topology,
 };
 use crate::domain::DeviceId;
 
@@ -45,6 +46,9 @@ struct Inner {
     uris: Result<Vec<AMQPUri>, String>,
     /// Index into `uris` of the node to try next.
     next_node: AtomicUsize,
+    /// Count of publishing channels opened so far, which gives each one its
+    /// id for [`PublishBatch`].
+    publishers_opened: AtomicU64,
     topology: Topology,
     connection_name: String,
     live: Mutex<Option<Live>>,
@@ -54,6 +58,8 @@ struct Inner {
 struct Live {
     connection: Connection,
     publisher: Channel,
+    /// The number of `publisher`, unique within this broker.
+    publisher_id: u64,
     /// Takes declarations and gets. RabbitMQ closes a channel whose
     /// declaration conflicts with an existing queue; on this channel that
     /// costs the one declaration, not the publishes in flight.
@@ -96,6 +102,7 @@ impl AmqpBroker {
             inner: Arc::new(Inner {
                 uris,
                 next_node: AtomicUsize::new(0),
+                publishers_opened: AtomicU64::new(0),
                 topology,
                 connection_name: connection_name.to_owned(),
                 live: Mutex::new(None),
@@ -126,8 +133,12 @@ impl AmqpBroker {
         self.forget_if_broken(&mut guard, result).await
     }
 
-    pub async fn publish(&self, message: &OutgoingMessage) -> Result<(), BrokerError> {
-        match self.publish_once(message).await {
+    pub async fn publish(
+        &self,
+        message: &OutgoingMessage,
+        batch: Option<&PublishBatch>,
+    ) -> Result<(), BrokerError> {
+        match self.publish_once(message, batch).await {
             // A device queue deleted behind our back: declare it again and
             // retry once, because the declaration cache was stale.
             Err(BrokerError::Unroutable(
@@ -139,13 +150,17 @@ impl AmqpBroker {
                         live.declared_devices.remove(&device);
                     }
                 }
-                self.publish_once(message).await
+                self.publish_once(message, batch).await
             }
             other => other,
         }
     }
 
-    async fn publish_once(&self, message: &OutgoingMessage) -> Result<(), BrokerError> {
+    async fn publish_once(
+        &self,
+        message: &OutgoingMessage,
+        batch: Option<&PublishBatch>,
+    ) -> Result<(), BrokerError> {
         let (exchange, routing_key) = match &message.destination {
             Destination::Device(device) => (
                 self.inner.topology.commands_exchange(),
@@ -164,6 +179,14 @@ impl AmqpBroker {
         let confirm = {
             let mut guard = self.inner.live.lock().await;
             let live = self.ensure_live(&mut guard).await?;
+            if let Some(batch) = batch
+                && !batch.bind(live.publisher_id)
+            {
+                return Err(BrokerError::Unavailable(
+                    "the channel this batch published on was lost; the rest of the batch waits for the next attempt"
+                        .into(),
+                ));
+            }
             let declared = match &message.destination {
                 Destination::Device(device) | Destination::Control(device) => {
                     self.declare_device_on(live, device).await
@@ -270,6 +293,7 @@ impl AmqpBroker {
             // what was declared may be what went missing.
             if !live.publisher.status().connected() {
                 live.publisher = open_confirm_channel(&live.connection).await?;
+                live.publisher_id = self.next_publisher_id();
                 self.declare_exchanges(&live.publisher).await?;
                 live.declared_devices.clear();
                 live.reports_declared = false;
@@ -279,6 +303,10 @@ impl AmqpBroker {
             }
         }
         Ok(guard.as_mut().expect("connection was opened above"))
+    }
+
+    fn next_publisher_id(&self) -> u64 {
+        self.inner.publishers_opened.fetch_add(1, Ordering::Relaxed)
     }
 
     async fn declare_exchanges(&self, channel: &Channel) -> Result<(), BrokerError> {
@@ -331,6 +359,7 @@ impl AmqpBroker {
         Ok(Live {
             connection,
             publisher,
+            publisher_id: self.next_publisher_id(),
             declarer,
             declared_devices: HashSet::new(),
             reports_declared: false,
@@ -351,7 +380,7 @@ impl AmqpBroker {
             (topology.control_queue(device), topology.control_exchange()),
         ];
         for (queue, exchange) in pairs {
-            declare_queue(&live.declarer, &queue, topology.device_queue_arguments())
+            declare_queue(&live.declarer, &queue, topology.queue_arguments(&queue))
                 .await
                 .map_err(|error| classify(live, &error))?;
             live.declarer
@@ -463,12 +492,7 @@ async fn open_consumer(
         .create_channel()
         .await
         .map_err(|error| classify(live, &error))?;
-    let arguments = if queue == topology.reports_queue() {
-        topology.reports_queue_arguments()
-    } else {
-        topology.device_queue_arguments()
-    };
-    declare_queue(&channel, queue, arguments)
+    declare_queue(&channel, queue, topology.queue_arguments(queue))
         .await
         .map_err(|error| classify(live, &error))?;
     channel

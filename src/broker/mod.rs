@@ -87,6 +87,33 @@ pub enum BrokerError {
     Rejected(String),
 }
 
+/// Concurrent publishes that must reach their queues in the order they
+/// were started, such as one round of the outbox relay.
+///
+/// Publishes started one after the other on one channel keep their order.
+/// Without a batch, a publish after a lost connection opens a new one, so a
+/// later message could be confirmed there while an earlier one, handed to
+/// the dead connection, failed and went out again behind it. In a batch the
+/// later publishes fail as well, and the caller sends them again in order.
+#[derive(Debug, Default)]
+pub struct PublishBatch {
+    /// Id of the publishing channel that the first publish of the batch
+    /// used. Every new connection or publishing channel gets a new id.
+    channel: std::sync::Mutex<Option<u64>>,
+}
+
+impl PublishBatch {
+    /// Binds the batch to `channel` on first use, and returns whether the
+    /// batch may publish on it.
+    fn bind(&self, channel: u64) -> bool {
+        let mut bound = self
+            .channel
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *bound.get_or_insert(channel) == channel
+    }
+}
+
 /// A connection to the broker, cheap to clone.
 #[derive(Clone, Debug)]
 pub enum Broker {
@@ -133,7 +160,22 @@ impl Broker {
     /// A message to a device whose queue does not exist is declared first.
     pub async fn publish(&self, message: &OutgoingMessage) -> Result<(), BrokerError> {
         match self {
-            Self::Amqp(broker) => broker.publish(message).await,
+            Self::Amqp(broker) => broker.publish(message, None).await,
+            Self::Memory(broker) => broker.publish(message),
+        }
+    }
+
+    /// Publishes like [`Broker::publish`], as part of `batch`. Every message
+    /// of a batch goes out on the same publishing channel, and once that
+    /// channel is lost the rest of the batch fails as unavailable.
+    pub async fn publish_in(
+        &self,
+        message: &OutgoingMessage,
+        batch: &PublishBatch,
+    ) -> Result<(), BrokerError> {
+        match self {
+            Self::Amqp(broker) => broker.publish(message, Some(batch)).await,
+            // One process, one queue: nothing can overtake.
             Self::Memory(broker) => broker.publish(message),
         }
     }
@@ -298,7 +340,9 @@ impl Delivery {
         }
     }
 
-    /// Puts the message back at the head of its queue for another try.
+    /// Puts the message back in its queue for another try: first in line on
+    /// a classic queue and in the in-process broker, but behind the waiting
+    /// messages on a RabbitMQ 3.10 quorum queue.
     pub async fn requeue(&self) -> Result<(), BrokerError> {
         match &self.acker {
             Acker::Amqp(acker) => amqp::requeue(acker).await,

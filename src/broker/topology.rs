@@ -92,6 +92,33 @@ impl Topology {
         arguments
     }
 
+    /// Arguments every declaration of a control queue must repeat exactly.
+    ///
+    /// The agent reads notices with `basic.get`, which RabbitMQ (3.10 at
+    /// least) refuses with `RESOURCE_LOCKED` on a quorum queue with a single
+    /// active consumer, so quorum control queues leave that argument out.
+    /// Classic control queues keep it, so that queues already declared with
+    /// it still match.
+    pub fn control_queue_arguments(&self) -> FieldTable {
+        match self.queue_kind {
+            QueueKind::Classic => self.device_queue_arguments(),
+            QueueKind::Quorum => self.reports_queue_arguments(),
+        }
+    }
+
+    /// Selects the arguments to declare `queue` with, by its name. A name
+    /// that is neither the reports queue nor a control queue gets the
+    /// device queue's arguments.
+    pub fn queue_arguments(&self, queue: &str) -> FieldTable {
+        if queue == self.reports_queue() {
+            self.reports_queue_arguments()
+        } else if queue.starts_with(&format!("{}{CONTROL_QUEUE_INFIX}", self.prefix)) {
+            self.control_queue_arguments()
+        } else {
+            self.device_queue_arguments()
+        }
+    }
+
     /// Arguments for the reports queue; quorum on clusters, like device queues.
     pub fn reports_queue_arguments(&self) -> FieldTable {
         let mut arguments = FieldTable::default();
@@ -139,6 +166,26 @@ mod tests {
     fn prefix_one_byte_too_long_is_rejected() {
         let prefix = "p".repeat(MAX_PREFIX_BYTES + 1);
         assert!(Topology::new(&prefix, QueueKind::Classic).is_err());
+    }
+
+    #[test]
+    fn quorum_control_queue_has_no_single_active_consumer() {
+        let device = DeviceId::parse("kiosk-1").unwrap();
+        let single_active = ShortString::from("x-single-active-consumer");
+        let quorum = Topology::new("cd", QueueKind::Quorum).unwrap();
+        let control = quorum.queue_arguments(&quorum.control_queue(&device));
+        assert!(!control.inner().contains_key(&single_active));
+        assert!(
+            control
+                .inner()
+                .contains_key(&ShortString::from("x-queue-type"))
+        );
+        let device_queue = quorum.queue_arguments(&quorum.device_queue(&device));
+        assert!(device_queue.inner().contains_key(&single_active));
+
+        let classic = Topology::new("cd", QueueKind::Classic).unwrap();
+        let control = classic.queue_arguments(&classic.control_queue(&device));
+        assert!(control.inner().contains_key(&single_active));
     }
 
     #[test]

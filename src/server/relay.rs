@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ServerContext, apply_and_log};
 use crate::backoff::backoff_delay;
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, PublishBatch};
 use crate::command::Millis;
 use crate::contract::{cancel_message, command_message};
 use crate::domain::CommandStatus;
@@ -130,15 +130,19 @@ async fn relay_once(context: &ServerContext) -> Result<usize, String> {
     }
 
     // Publishes are started in outbox order and the broker keeps the order
-    // of one channel, so each device receives its commands in order.
+    // of one channel, so each device receives its commands in order. The
+    // batch keeps them on one channel: after a lost connection the rest of
+    // the round fails and goes out again in order next round, instead of
+    // overtaking the messages that were lost.
     let topology = context.broker.topology();
+    let batch = PublishBatch::default();
     let results = join_all(to_publish.iter().map(|item| async {
         let message = if item.kind == OUTBOX_CANCEL {
             cancel_message(item.command.id, &item.command.device_id)
         } else {
             command_message(&item.command, topology)
         };
-        context.broker.publish(&message).await
+        context.broker.publish_in(&message, &batch).await
     }))
     .await;
 

@@ -45,22 +45,48 @@ pub fn rabbit_node() -> String {
 
 /// Runs `rabbitmqctl` against the test node and returns its stdout.
 pub fn rabbitmqctl(args: &[&str]) -> String {
+    rabbitmqctl_on(&rabbit_node(), args)
+}
+
+/// Runs `rabbitmqctl -n node` and returns its stdout, or panics with its
+/// stderr when it fails.
+pub fn rabbitmqctl_on(node: &str, args: &[&str]) -> String {
     let epmd_port = std::env::var("DISPATCHER_TEST_EPMD_PORT").expect(
         "DISPATCHER_TEST_EPMD_PORT is not set; run the tests through scripts/with-test-servers (see README.md)",
     );
     let output = std::process::Command::new("rabbitmqctl")
         .env("ERL_EPMD_PORT", epmd_port)
         .arg("-n")
-        .arg(rabbit_node())
+        .arg(node)
         .args(args)
         .output()
         .expect("rabbitmqctl runs");
     assert!(
         output.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
+        "rabbitmqctl -n {node} {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The AMQP URLs of the three-node test cluster, comma-separated, in the
+/// form `--amqp-url` takes.
+pub fn cluster_amqp_urls() -> String {
+    std::env::var("DISPATCHER_TEST_CLUSTER_AMQP_URLS").expect(
+        "DISPATCHER_TEST_CLUSTER_AMQP_URLS is not set; run the tests through scripts/with-test-servers (see README.md)",
+    )
+}
+
+/// Node names of the test cluster for `rabbitmqctl -n`, in the order of
+/// [`cluster_amqp_urls`].
+pub fn cluster_nodes() -> Vec<String> {
+    std::env::var("DISPATCHER_TEST_CLUSTER_NODES")
+        .expect(
+            "DISPATCHER_TEST_CLUSTER_NODES is not set; run the tests through scripts/with-test-servers (see README.md)",
+        )
+        .split(',')
+        .map(str::to_owned)
+        .collect()
 }
 
 /// One test's world: a data directory, a prefix, a broker, a database.
@@ -75,6 +101,9 @@ pub struct TestEnv {
     pub extra_serve_args: Vec<String>,
     /// `--queue-type` for serve and agents; unset means the default.
     pub queue_type: Option<&'static str>,
+    /// `--amqp-url` for serve and agents on RabbitMQ; unset means the
+    /// single test node.
+    pub amqp_url: Option<String>,
     /// Single-value flags and their values, passed to every `serve`. Change
     /// one with [`TestEnv::set_serve_flag`].
     serve_flags: Vec<(String, String)>,
@@ -104,6 +133,7 @@ impl TestEnv {
             database_url,
             extra_serve_args: Vec::new(),
             queue_type: None,
+            amqp_url: None,
             serve_flags: default_serve_flags(),
         }
     }
@@ -172,7 +202,8 @@ impl TestEnv {
             ),
         ];
         if self.broker == BrokerKind::Rabbit {
-            vars.push(("DISPATCHER_AMQP_URL".to_owned(), amqp_url()));
+            let url = self.amqp_url.clone().unwrap_or_else(amqp_url);
+            vars.push(("DISPATCHER_AMQP_URL".to_owned(), url));
         }
         if let Some(queue_type) = self.queue_type {
             vars.push(("DISPATCHER_QUEUE_TYPE".to_owned(), queue_type.to_owned()));
