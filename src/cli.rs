@@ -81,12 +81,12 @@ pub struct ServeArgs {
     pub database_url: Option<String>,
 
     /// Most database connections in the pool.
-    #[arg(long, env = "DISPATCHER_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
+    #[arg(long, env = "DISPATCHER_DATABASE_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub database_max_connections: u32,
 
     /// How long a request waits for a free database connection before it
     /// fails with 503, such as 5s.
-    #[arg(long, env = "DISPATCHER_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DISPATCHER_DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub database_acquire_timeout: Duration,
 
     /// Also run an in-process agent for this device (repeatable).
@@ -113,7 +113,7 @@ pub struct ServeArgs {
     pub postback_retry_delays: Option<String>,
 
     /// Deadline of one postback attempt, from connect to the end of the response.
-    #[arg(long, env = "DISPATCHER_POSTBACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DISPATCHER_POSTBACK_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub postback_timeout: Duration,
 
     /// Post back on every status change, not only when the command is final.

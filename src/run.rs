@@ -122,6 +122,11 @@ fn postback_sender(
     };
     let secrets = WebhookSecrets::parse(&secrets_text)
         .map_err(|error| anyhow::anyhow!("invalid webhook secrets: {error}"))?;
+    // An empty list would send every postback unsigned.
+    anyhow::ensure!(
+        !secrets.is_empty(),
+        "--webhook-secrets (DISPATCHER_WEBHOOK_SECRETS) is set but names no secret; give whsec_ secrets, or unset it to have one generated into the data directory"
+    );
     let schedule = match &args.postback_retry_delays {
         Some(list) => RetrySchedule::parse(list)
             .map_err(|error| anyhow::anyhow!("invalid --postback-retry-delays: {error}"))?,

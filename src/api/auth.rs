@@ -63,6 +63,10 @@ impl JwtKeys {
     pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // The library allows 60 s of clock skew by default and ignores
+        // `nbf`; a token is checked here exactly as it says.
+        validation.leeway = 0;
+        validation.validate_nbf = true;
         let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
             .map_err(|error| ApiError::unauthorized(format!("bearer token is invalid: {error}")))?
             .claims;

@@ -257,10 +257,10 @@ fn canonical_name(name: &str) -> Result<&'static str, ApiError> {
         .copied()
         .ok_or_else(|| {
             let hint = closest_property(name)
-                .map(|known| format!("; did you mean {known}?"))
+                .map(|known| format!("; did you mean {known}"))
                 .unwrap_or_default();
             ApiError::bad_request(format!(
-                "property {name:?} is not a command property{hint} Settable properties are {}",
+                "property {name:?} is not a command property{hint}. Settable properties are {}",
                 CLIENT_PROPERTIES.join(", ")
             ))
         })

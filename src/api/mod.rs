@@ -97,30 +97,38 @@ async fn health() -> Json<serde_json::Value> {
 /// Readiness: the database and the broker both answer now.
 async fn ready(
     axum::extract::State(state): axum::extract::State<AppState>,
-) -> (StatusCode, Json<serde_json::Value>) {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let database = state.store.ping().await.map_err(|error| error.to_string());
     let broker = state
         .broker
         .check_ready()
         .await
         .map_err(|error| error.to_string());
-    let status = if database.is_ok() && broker.is_ok() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let describe = |result: &Result<(), String>| match result {
-        Ok(()) => json!({ "status": "ok" }),
-        Err(error) => json!({ "status": "unavailable", "error": error }),
-    };
-    (
-        status,
-        Json(json!({
-            "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
-            "database": describe(&database),
-            "broker": describe(&broker),
-        })),
-    )
+    let failures: Vec<String> = [("database", &database), ("broker", &broker)]
+        .into_iter()
+        .filter_map(|(part, result)| {
+            result
+                .as_ref()
+                .err()
+                .map(|error| format!("{part}: {error}"))
+        })
+        .collect();
+    if !failures.is_empty() {
+        // The 503 goes through the error middleware, which keeps only the
+        // message, so the message names each part that is down and why.
+        let message = format!("not ready: {}", failures.join("; "));
+        tracing::warn!(%message, "readiness check failed");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "serviceNotAvailable",
+            message,
+        ));
+    }
+    Ok(Json(json!({
+        "status": "ok",
+        "database": { "status": "ok" },
+        "broker": { "status": "ok" },
+    })))
 }
 
 async fn not_found() -> ApiError {

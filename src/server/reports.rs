@@ -76,13 +76,90 @@ fn parse(delivery: &Delivery) -> Result<StatusChange, String> {
     if status == CommandStatus::Queued || status == CommandStatus::FailedToSend {
         return Err(format!("devices cannot report the status {status}"));
     }
+    let (error, response_payload) = bounded(
+        report.error,
+        report.response_payload.map(|raw| raw.get().to_owned()),
+    );
     Ok(StatusChange {
         command_id: report.command_id,
         status,
-        error: report.error,
-        response_payload: report.response_payload.map(|raw| raw.get().to_owned()),
+        error,
+        response_payload,
         source: format!("agent:{device}"),
         expected_device: Some(device),
         at: Millis::now(),
     })
+}
+
+/// Longest `Error` text stored from a report, in bytes; longer texts keep
+/// their beginning.
+const MAX_ERROR_BYTES: usize = 4 * 1024;
+/// Largest `ResponsePayload` stored from a report, in bytes: the same as the
+/// largest request body, so that a command never grows past what the API
+/// accepts.
+const MAX_RESPONSE_PAYLOAD_BYTES: usize = crate::api::MAX_BODY_BYTES;
+
+/// Keeps a device's report within the sizes the store and the API answer
+/// with. A payload over the limit is dropped and the `Error` says so, rather
+/// than the report being dropped, which would leave the command unfinished.
+fn bounded(error: Option<String>, payload: Option<String>) -> (Option<String>, Option<String>) {
+    let mut error = error.map(|text| truncate(text, MAX_ERROR_BYTES));
+    let payload = match payload {
+        Some(text) if text.len() > MAX_RESPONSE_PAYLOAD_BYTES => {
+            let note = format!(
+                "the device's ResponsePayload of {} bytes exceeds the {MAX_RESPONSE_PAYLOAD_BYTES}-byte limit and was not stored",
+                text.len()
+            );
+            error = Some(match error {
+                Some(existing) => format!("{existing}; {note}"),
+                None => note,
+            });
+            None
+        }
+        other => other,
+    };
+    (error, payload)
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_error_keeps_its_beginning() {
+        let (error, _) = bounded(Some("é".repeat(MAX_ERROR_BYTES)), None);
+        let error = error.unwrap();
+        assert!(error.len() <= MAX_ERROR_BYTES);
+        assert!(error.starts_with("éé"));
+    }
+
+    #[test]
+    fn oversized_payload_is_replaced_by_a_note() {
+        let payload = format!("\"{}\"", "x".repeat(MAX_RESPONSE_PAYLOAD_BYTES));
+        let (error, payload) = bounded(Some("failed".into()), Some(payload));
+        assert!(payload.is_none());
+        assert!(
+            error
+                .unwrap()
+                .starts_with("failed; the device's ResponsePayload")
+        );
+    }
+
+    #[test]
+    fn small_report_is_unchanged() {
+        let (error, payload) = bounded(None, Some("{\"a\":1}".into()));
+        assert_eq!(error, None);
+        assert_eq!(payload.as_deref(), Some("{\"a\":1}"));
+    }
 }
