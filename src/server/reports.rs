@@ -99,8 +99,8 @@ const MAX_ERROR_BYTES: usize = 4 * 1024;
 /// accepts.
 const MAX_RESPONSE_PAYLOAD_BYTES: usize = crate::api::MAX_BODY_BYTES;
 
-/// Keeps a device's report within the sizes the store and the API answer
-/// with. A payload over the limit is dropped and the `Error` says so, rather
+/// Keeps a device's report within the sizes the store keeps and the API
+/// returns. A payload over the limit is dropped and the `Error` says so, rather
 /// than the report being dropped, which would leave the command unfinished.
 fn bounded(error: Option<String>, payload: Option<String>) -> (Option<String>, Option<String>) {
     let mut error = error.map(|text| truncate(text, MAX_ERROR_BYTES));
