@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use command_dispatcher::broker::{
-    Broker, BrokerError, Delivery, Destination, MessageProperties, OutgoingMessage, QueueKind,
-    Topology,
+    Broker, BrokerError, Delivery, Destination, MessageProperties, OutgoingMessage, PublishBatch,
+    QueueKind, Topology,
 };
 use command_dispatcher::domain::DeviceId;
 use common::{BrokerKind, amqp_url};
@@ -356,6 +356,49 @@ async fn next_cluster_node_is_tried_after_a_failure() {
         .consume(&broker.topology().device_queue(&kiosk), 1)
         .await
         .unwrap();
+    assert_eq!(text(&next(&mut consumer).await), "2");
+    broker.close().await;
+}
+
+#[tokio::test]
+async fn batch_stops_at_first_unavailable() {
+    let prefix = format!("c{}", uuid::Uuid::new_v4().simple());
+    let topology = Topology::new(&prefix, QueueKind::Classic).unwrap();
+    // Nothing listens on port 1 of the loopback address: the first node is down.
+    let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f, {}", amqp_url());
+    let broker = Broker::new(Some(&nodes), topology, "contract test");
+    let kiosk = device("kiosk");
+
+    let batch = PublishBatch::default();
+    let first = broker
+        .publish_in(&message(Destination::Device(kiosk.clone()), "1"), &batch)
+        .await;
+    assert!(
+        matches!(first, Err(BrokerError::Unavailable(_))),
+        "got {first:?}"
+    );
+    // The live node would take "2", but then "2" would be queued ahead of
+    // "1", which the caller sends again later.
+    let second = broker
+        .publish_in(&message(Destination::Device(kiosk.clone()), "2"), &batch)
+        .await;
+    assert!(
+        matches!(second, Err(BrokerError::Unavailable(_))),
+        "a publish after the batch's first failure returned {second:?}"
+    );
+
+    let retry = PublishBatch::default();
+    for body in ["1", "2"] {
+        broker
+            .publish_in(&message(Destination::Device(kiosk.clone()), body), &retry)
+            .await
+            .expect("a new batch connects to the live node");
+    }
+    let mut consumer = broker
+        .consume(&broker.topology().device_queue(&kiosk), 2)
+        .await
+        .unwrap();
+    assert_eq!(text(&next(&mut consumer).await), "1");
     assert_eq!(text(&next(&mut consumer).await), "2");
     broker.close().await;
 }
