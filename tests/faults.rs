@@ -447,7 +447,9 @@ async fn stopped_agent_finishes_its_command() {
     assert!(executing, "the slow command never started");
     let status = agent.terminate().await;
 
-    let done = server.get(&format!("/commands/{running}")).await.json();
+    // The agent sent the final report before it exited; the server applies
+    // it a moment later.
+    let done = server.wait_final(&running, Duration::from_secs(10)).await;
     let queued = server.get(&format!("/commands/{waiting}")).await.json();
     println!(
         "agent exited with {status}; running command {}, next command {}",
