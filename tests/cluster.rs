@@ -16,10 +16,9 @@ use common::{
 };
 
 const DEVICES: usize = 4;
-/// Pause between two creates for one device. Commands keep arriving before,
-/// during and after the outage, fast enough that the relay has several in
-/// flight when the connection drops.
-const CREATE_PAUSE: Duration = Duration::from_millis(20);
+/// Pause between two creates for one device, so that commands keep arriving
+/// before, during and after the outage.
+const CREATE_PAUSE: Duration = Duration::from_millis(40);
 /// How long the stopped node stays down after the server left it.
 const OUTAGE: Duration = Duration::from_secs(3);
 

@@ -156,7 +156,20 @@ impl AmqpBroker {
         }
     }
 
+    /// Publishes once, and stops `batch` when the broker is unavailable.
     async fn publish_once(
+        &self,
+        message: &OutgoingMessage,
+        batch: Option<&PublishBatch>,
+    ) -> Result<(), BrokerError> {
+        let result = self.publish_in_batch(message, batch).await;
+        if let (Some(batch), Err(BrokerError::Unavailable(_))) = (batch, &result) {
+            batch.stop();
+        }
+        result
+    }
+
+    async fn publish_in_batch(
         &self,
         message: &OutgoingMessage,
         batch: Option<&PublishBatch>,
@@ -178,14 +191,16 @@ impl AmqpBroker {
         // concurrent publishers share the round trip.
         let confirm = {
             let mut guard = self.inner.live.lock().await;
+            // Checked before connecting, so that a stopped batch does not
+            // try to connect once per message.
+            if batch.is_some_and(PublishBatch::is_stopped) {
+                return Err(batch_stopped());
+            }
             let live = self.ensure_live(&mut guard).await?;
             if let Some(batch) = batch
-                && !batch.bind(live.publisher_id)
+                && !batch.admit(live.publisher_id)
             {
-                return Err(BrokerError::Unavailable(
-                    "the channel this batch published on was lost; the rest of the batch waits for the next attempt"
-                        .into(),
-                ));
+                return Err(batch_stopped());
             }
             let declared = match &message.destination {
                 Destination::Device(device) | Destination::Control(device) => {
@@ -431,6 +446,13 @@ impl AmqpBroker {
         }
         result
     }
+}
+
+fn batch_stopped() -> BrokerError {
+    BrokerError::Unavailable(
+        "an earlier publish of this batch found the broker unavailable, so the rest of the batch waits for the next attempt"
+            .into(),
+    )
 }
 
 /// Parses one AMQP URL, adding the default heartbeat when it sets none. The

@@ -91,26 +91,57 @@ pub enum BrokerError {
 /// were started, such as one round of the outbox relay.
 ///
 /// Publishes started one after the other on one channel keep their order.
-/// Without a batch, a publish after a lost connection opens a new one, so a
-/// later message could be confirmed there while an earlier one, handed to
-/// the dead connection, failed and went out again behind it. In a batch the
-/// later publishes fail as well, and the caller sends them again in order.
+/// Without a batch, each publish after a failure tries to connect again, so
+/// a later message could be confirmed on a new connection while an earlier
+/// one had failed and went out again behind it. In a batch, the first
+/// publish that finds the broker unavailable stops the batch: the later
+/// ones fail as well, and the caller sends them again in order.
 #[derive(Debug, Default)]
 pub struct PublishBatch {
-    /// Id of the publishing channel that the first publish of the batch
-    /// used. Every new connection or publishing channel gets a new id.
-    channel: std::sync::Mutex<Option<u64>>,
+    state: std::sync::Mutex<BatchState>,
+}
+
+#[derive(Debug, Default)]
+enum BatchState {
+    #[default]
+    Unused,
+    /// Publishing on the channel with this id. Every new connection or
+    /// publishing channel gets a new id.
+    On(u64),
+    Stopped,
 }
 
 impl PublishBatch {
-    /// Binds the batch to `channel` on first use, and returns whether the
-    /// batch may publish on it.
-    fn bind(&self, channel: u64) -> bool {
-        let mut bound = self
-            .channel
+    /// Returns whether the batch may publish on the channel with id
+    /// `channel`, binding it to that channel on first use. A batch that is
+    /// stopped, or bound to another channel, stops for good.
+    fn admit(&self, channel: u64) -> bool {
+        let mut state = self.lock();
+        match *state {
+            BatchState::Unused => {
+                *state = BatchState::On(channel);
+                true
+            }
+            BatchState::On(bound) if bound == channel => true,
+            BatchState::On(_) | BatchState::Stopped => {
+                *state = BatchState::Stopped;
+                false
+            }
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        matches!(*self.lock(), BatchState::Stopped)
+    }
+
+    fn stop(&self) {
+        *self.lock() = BatchState::Stopped;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *bound.get_or_insert(channel) == channel
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -12,6 +12,11 @@ pub enum QueueKind {
     #[default]
     Classic,
     /// Quorum queues: replicated across a RabbitMQ cluster, for failover.
+    ///
+    /// NOTE: on RabbitMQ 3.10 a command returned to a quorum queue when its
+    /// agent's consumer goes away can come back behind the next waiting one
+    /// (seen in tests/broker_contract.rs), so the device may then run those
+    /// two out of order.
     Quorum,
 }
 
