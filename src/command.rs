@@ -10,7 +10,7 @@ use crate::domain::{CommandStatus, CommandType, DeviceId};
 /// Graph's type annotation for a command.
 pub const ODATA_TYPE: &str = "#microsoft.graph.command";
 
-/// A command as the store holds it.
+/// A command as it is stored.
 #[derive(Clone, Debug)]
 pub struct Command {
     pub id: Uuid,
@@ -34,7 +34,7 @@ pub struct Command {
     pub expires_at: Option<Millis>,
 }
 
-/// What a client asked for, after validation.
+/// A validated create request.
 #[derive(Clone, Debug)]
 pub struct NewCommand {
     pub device_id: DeviceId,
@@ -129,7 +129,7 @@ pub struct Representation<'a> {
 }
 
 impl Command {
-    /// The representation returned by the API and sent in postbacks.
+    /// Builds the representation returned by the API and sent in postbacks.
     pub fn representation<'a>(
         &'a self,
         postback: Option<&'a PostbackSummary>,
@@ -154,7 +154,7 @@ impl Command {
         }
     }
 
-    /// The representation as JSON bytes.
+    /// Serializes the representation to JSON text.
     pub fn to_json(&self, postback: Option<&PostbackSummary>) -> String {
         serde_json::to_string(&self.representation(postback))
             .expect("a command always serializes: every field is a string or valid JSON text")

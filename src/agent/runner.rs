@@ -361,7 +361,7 @@ impl Agent {
         let stored = match serde_json::from_str::<StatusReport>(text) {
             Ok(stored) => stored,
             Err(error) => {
-                tracing::error!(command_id = %id, %error, "journal holds an unreadable report; it is not sent");
+                tracing::error!(command_id = %id, %error, "journal contains an invalid report; it is not sent");
                 return;
             }
         };

@@ -47,7 +47,7 @@ const SERVER_PROPERTIES: [&str; 7] = [
     "Postback",
 ];
 
-/// What the create route knows besides the body.
+/// The request context that the create route passes besides the body.
 pub struct CreateContext<'a> {
     pub path_device: Option<DeviceId>,
     pub owner: String,
@@ -266,7 +266,7 @@ fn canonical_name(name: &str) -> Result<&'static str, ApiError> {
         })
 }
 
-/// The client property nearest to a misspelled name, if one is close.
+/// Returns the client property nearest to a misspelled name, if one is close.
 fn closest_property(name: &str) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
     CLIENT_PROPERTIES

@@ -241,7 +241,7 @@ impl AmqpBroker {
             }
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Nack(None) => Err(BrokerError::Rejected(format!(
-                "broker answered the publish to {} with a negative confirm",
+                "broker returned a negative confirm for the publish to {}",
                 message.destination
             ))),
             Confirmation::NotRequested => Err(BrokerError::Rejected(

@@ -5,7 +5,7 @@ use crate::domain::{DeviceId, MAX_DEVICE_ID_BYTES};
 /// AMQP short strings, and so queue and exchange names, hold at most 255 bytes.
 const MAX_AMQP_NAME_BYTES: usize = 255;
 
-/// Which kind of RabbitMQ queue holds each device's commands.
+/// The kind of RabbitMQ queue that stores each device's commands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum QueueKind {
     /// Classic durable queues: the right choice on a single broker.
@@ -50,17 +50,17 @@ impl Topology {
         })
     }
 
-    /// The direct exchange that routes commands by device id.
+    /// Returns the direct exchange that routes commands by device id.
     pub fn commands_exchange(&self) -> String {
         format!("{}.commands", self.prefix)
     }
 
-    /// The durable queue that holds one device's commands.
+    /// Returns the durable queue that stores one device's commands.
     pub fn device_queue(&self, device: &DeviceId) -> String {
         format!("{}{DEVICE_QUEUE_INFIX}{device}", self.prefix)
     }
 
-    /// The direct exchange that routes cancel notices by device id.
+    /// Returns the direct exchange that routes cancel notices by device id.
     pub fn control_exchange(&self) -> String {
         format!("{}.control", self.prefix)
     }

@@ -9,7 +9,7 @@ pub const OUTBOX_COMMAND: &str = "command";
 /// Outbox `kind` of a cancel notice to the command's device.
 pub const OUTBOX_CANCEL: &str = "cancel";
 
-/// What [`Store::request_cancel`] did.
+/// The result of [`Store::request_cancel`].
 #[derive(Debug)]
 pub enum CancelOutcome {
     /// The command had not reached its device and is now `canceled`. A cancel

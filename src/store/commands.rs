@@ -5,7 +5,7 @@ use super::{Backend, Store, StoreError, command_from_row, parse_status};
 use crate::command::{Command, Millis, NewCommand};
 use crate::domain::{CommandStatus, DeviceId};
 
-/// A status a command should move to, and who says so.
+/// A requested move of a command to a new status, with its source.
 #[derive(Clone, Debug)]
 pub struct StatusChange {
     pub command_id: Uuid,
@@ -20,7 +20,7 @@ pub struct StatusChange {
     pub at: Millis,
 }
 
-/// What [`Store::apply_status`] did.
+/// The result of [`Store::apply_status`].
 #[derive(Debug)]
 pub enum Applied {
     /// The command moved; it is returned as stored now.
@@ -73,7 +73,7 @@ impl Store {
 
     /// Moves a command to a new status if [`CommandStatus::can_move_to`]
     /// allows it, records the transition, and, when the command has a
-    /// `PostBackUri` and `notify` says this status is posted back, creates the
+    /// `PostBackUri` and `notify` returns true for this status, creates the
     /// postback delivery in the same transaction.
     ///
     /// Applying the same change twice writes nothing the second time, which
@@ -132,7 +132,7 @@ impl Store {
     }
 
     /// Writes an allowed move of `command` and its transition, and the
-    /// postback delivery when `notify` says this status is posted back.
+    /// postback delivery when `notify` returns true for this status.
     pub(super) async fn move_command(
         tx: &mut Transaction<'_, Any>,
         command: &mut Command,
@@ -178,7 +178,7 @@ impl Store {
         Ok(())
     }
 
-    /// Every transition of a command, oldest first.
+    /// Returns every transition of a command, oldest first.
     pub async fn transitions(&self, id: Uuid) -> Result<Vec<Transition>, StoreError> {
         let rows = sqlx::query(
             "SELECT status, at, source, error FROM command_transitions WHERE command_id = $1 ORDER BY id",

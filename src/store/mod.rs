@@ -43,7 +43,7 @@ pub use postbacks::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING, Post
 use crate::command::{Command, Millis};
 use crate::domain::{CommandStatus, CommandType, DeviceId};
 
-/// Which database the URL selected.
+/// The database kind that the URL selects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,

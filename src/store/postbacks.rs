@@ -197,7 +197,7 @@ impl Store {
         Ok(())
     }
 
-    /// The state of the command's newest delivery, if it has any.
+    /// Returns the state of the command's newest delivery, if it has any.
     pub async fn postback_summary(
         &self,
         command_id: Uuid,
@@ -220,7 +220,7 @@ impl Store {
         .transpose()
     }
 
-    /// Every delivery of a command with its attempts, oldest first.
+    /// Returns every delivery of a command with its attempts, oldest first.
     pub async fn postbacks_of(&self, command_id: Uuid) -> Result<Vec<PostbackRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, url, sequence, state, attempts, last_status, last_error, created_at, finished_at, \
