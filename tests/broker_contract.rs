@@ -279,6 +279,52 @@ async fn message_to_missing_queue_is_unroutable(kind: BrokerKind, queue_kind: Qu
     broker.close().await;
 }
 
+async fn batches_hold_waiting_deliveries_in_order(kind: BrokerKind, queue_kind: QueueKind) {
+    let broker = broker(kind, queue_kind);
+    broker.declare_reports().await.unwrap();
+    let queue = broker.topology().reports_queue();
+    let bodies: Vec<String> = (1..=7).map(|n| n.to_string()).collect();
+    for body in &bodies {
+        broker
+            .publish(&message(Destination::Queue(queue.clone()), body))
+            .await
+            .unwrap();
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut batches: Vec<Vec<String>> = Vec::new();
+    let consumed = broker.consume_batches_until(&queue, 10, 3, &shutdown, |batch| {
+        let first = batches.is_empty();
+        batches.push(batch.iter().map(text).collect());
+        if batches.iter().map(Vec::len).sum::<usize>() == bodies.len() {
+            shutdown.cancel();
+        }
+        async move {
+            if first {
+                // Lets every other delivery reach the consumer, so the next
+                // batch is full.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            for delivery in batch {
+                delivery.ack().await.unwrap();
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), consumed)
+        .await
+        .expect("every delivery within 10 s");
+    assert_eq!(batches.concat(), bodies, "batches {batches:?}");
+    assert!(
+        batches.iter().all(|batch| (1..=3).contains(&batch.len())),
+        "{batches:?}"
+    );
+    assert_eq!(
+        batches[1].len(),
+        3.min(bodies.len() - batches[0].len()),
+        "{batches:?}"
+    );
+    broker.close().await;
+}
+
 macro_rules! contract {
     ($module:ident, $kind:expr, $queue_kind:expr) => {
         mod $module {
@@ -317,6 +363,11 @@ macro_rules! contract {
             #[tokio::test]
             async fn control_queue_get() {
                 control_queue_is_read_with_get($kind, $queue_kind).await;
+            }
+
+            #[tokio::test]
+            async fn batches_in_order() {
+                batches_hold_waiting_deliveries_in_order($kind, $queue_kind).await;
             }
 
             #[tokio::test]

@@ -12,6 +12,7 @@ mod topology;
 use std::fmt;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 pub use amqp::AmqpBroker;
@@ -246,6 +247,29 @@ impl Broker {
         F: FnMut(Delivery) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        self.consume_batches_until(queue, prefetch, 1, shutdown, |mut batch| {
+            let delivery = batch.pop().expect("a batch holds at least one delivery");
+            handle(delivery)
+        })
+        .await;
+    }
+
+    /// Consumes `queue` like [`Broker::consume_until`], but hands `handle`
+    /// every delivery that has already arrived, up to `max_batch`, in
+    /// delivery order. A batch is never empty and never waits for more
+    /// deliveries to arrive, so batching adds no latency when traffic is low.
+    pub async fn consume_batches_until<F, Fut>(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        max_batch: usize,
+        shutdown: &CancellationToken,
+        mut handle: F,
+    ) where
+        F: FnMut(Vec<Delivery>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let max_batch = max_batch.max(1);
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             let started = tokio::select! {
@@ -282,16 +306,36 @@ impl Broker {
                     () = shutdown.cancelled() => return,
                     next = consumer.next() => next,
                 };
-                match next {
-                    Some(Ok(delivery)) => handle(delivery).await,
-                    Some(Err(error)) => {
-                        tracing::warn!(%queue, %error, "consumer stopped; consuming again");
-                        break;
+                let stopped = match next {
+                    Some(Ok(first)) => {
+                        let mut batch = vec![first];
+                        let mut stopped = None;
+                        while batch.len() < max_batch {
+                            match consumer.next().now_or_never() {
+                                Some(Some(Ok(delivery))) => batch.push(delivery),
+                                Some(Some(Err(error))) => {
+                                    stopped = Some(error.to_string());
+                                    break;
+                                }
+                                Some(None) => {
+                                    stopped = Some("the consumer closed".to_owned());
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        // Deliveries taken before the consumer failed are
+                        // still handled; their acks fail if the channel is
+                        // gone, and the broker delivers them again.
+                        handle(batch).await;
+                        stopped
                     }
-                    None => {
-                        tracing::warn!(%queue, "consumer closed; consuming again");
-                        break;
-                    }
+                    Some(Err(error)) => Some(error.to_string()),
+                    None => Some("the consumer closed".to_owned()),
+                };
+                if let Some(reason) = stopped {
+                    tracing::warn!(%queue, %reason, "consumer stopped; consuming again");
+                    break;
                 }
             }
         }

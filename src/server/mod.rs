@@ -23,7 +23,7 @@ use crate::api::{self, AppState};
 use crate::broker::Broker;
 use crate::domain::{CommandStatus, DeviceId};
 use crate::postback::client::PostbackClient;
-use crate::store::{Applied, StatusChange, Store};
+use crate::store::{Applied, StatusChange, Store, StoreError};
 
 /// What the server-side workers share.
 pub struct ServerContext {
@@ -45,11 +45,21 @@ impl ServerContext {
 /// Applies a status change and logs what happened. Returns false only when
 /// the store failed, so the caller can retry.
 pub async fn apply_and_log(context: &ServerContext, change: &StatusChange) -> bool {
-    match context
+    let applied = context
         .store
         .apply_status(change, |status| context.posts_back(status))
-        .await
-    {
+        .await;
+    log_applied(context, change, applied)
+}
+
+/// Logs the outcome of a status change and wakes the postback sender when
+/// the change created a delivery. Returns false only when the store failed.
+pub fn log_applied(
+    context: &ServerContext,
+    change: &StatusChange,
+    applied: Result<Applied, StoreError>,
+) -> bool {
+    match applied {
         Ok(Applied::Moved(command)) => {
             tracing::info!(
                 command_id = %command.id,

@@ -4,9 +4,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 
-use super::{ServerContext, apply_and_log};
+use super::{ServerContext, apply_and_log, log_applied};
 use crate::broker::{Delivery, REPORT_MESSAGE_TYPE};
 use crate::command::Millis;
 use crate::contract::StatusReport;
@@ -15,48 +16,108 @@ use crate::store::StatusChange;
 
 /// Reports taken from the broker ahead of processing; each is acked only
 /// after its status is stored.
-const PREFETCH: u16 = 64;
+const PREFETCH: u16 = 256;
+/// Most reports applied in one transaction. Each transaction is a turn of
+/// the store's writer, so applying the reports that wait together keeps the
+/// worker up with many devices, while a lone report still goes at once.
+const MAX_BATCH: usize = 128;
+/// Pause before reports that could not be stored go back to the queue, so
+/// that a database outage does not turn into a hot redelivery loop.
+const STORE_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 
 pub async fn run(context: Arc<ServerContext>, shutdown: CancellationToken) {
     let queue = context.broker.topology().reports_queue();
     context
         .broker
-        .consume_until(&queue, PREFETCH, &shutdown, |delivery| {
-            handle(&context, delivery)
+        .consume_batches_until(&queue, PREFETCH, MAX_BATCH, &shutdown, |batch| {
+            handle(&context, batch)
         })
         .await;
     tracing::info!("report worker stopped");
 }
 
-async fn handle(context: &ServerContext, delivery: Delivery) {
-    let change = match parse(&delivery) {
-        Ok(change) => change,
-        Err(reason) => {
-            // A report that cannot be read now never can: drop it so that it
-            // cannot loop, and log why once.
-            tracing::warn!(
-                message_id = ?delivery.properties.message_id,
-                error = %reason,
-                "dropping an invalid status report"
-            );
-            if let Err(error) = delivery.reject().await {
-                tracing::warn!(%error, "cannot reject an invalid status report");
+async fn handle(context: &ServerContext, deliveries: Vec<Delivery>) {
+    let mut accepted = Vec::with_capacity(deliveries.len());
+    let mut changes = Vec::with_capacity(deliveries.len());
+    let mut invalid = Vec::new();
+    for delivery in deliveries {
+        match parse(&delivery) {
+            Ok(change) => {
+                accepted.push(delivery);
+                changes.push(change);
             }
-            return;
+            Err(reason) => {
+                // A report that cannot be read now never can: drop it so that
+                // it cannot loop, and log why once.
+                tracing::warn!(
+                    message_id = ?delivery.properties.message_id,
+                    error = %reason,
+                    "dropping an invalid status report"
+                );
+                invalid.push(delivery);
+            }
         }
-    };
-    if !apply_and_log(context, &change).await {
-        // The store failed; hand the report back after a pause, so that a
-        // database outage does not turn into a hot redelivery loop.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Err(error) = delivery.requeue().await {
-            tracing::warn!(%error, "cannot requeue a status report");
+    }
+    for result in join_all(invalid.iter().map(Delivery::reject)).await {
+        if let Err(error) = result {
+            tracing::warn!(%error, "cannot reject an invalid status report");
         }
+    }
+    if changes.is_empty() {
         return;
     }
-    if let Err(error) = delivery.ack().await {
-        // The report is stored; a redelivery of it will be ignored.
-        tracing::warn!(command_id = %change.command_id, %error, "cannot ack a stored status report");
+
+    let stored = store(context, &changes).await;
+    let (kept, failed): (Vec<_>, Vec<_>) = accepted
+        .iter()
+        .zip(&changes)
+        .zip(stored)
+        .partition(|(_, stored)| *stored);
+    let acks = join_all(kept.iter().map(|((delivery, _), _)| delivery.ack())).await;
+    for (((_, change), _), result) in kept.iter().zip(acks) {
+        if let Err(error) = result {
+            // The report is stored; a redelivery of it will be ignored.
+            tracing::warn!(command_id = %change.command_id, %error, "cannot ack a stored status report");
+        }
+    }
+    if !failed.is_empty() {
+        tokio::time::sleep(STORE_FAILURE_PAUSE).await;
+        for ((delivery, change), _) in failed {
+            if let Err(error) = delivery.requeue().await {
+                tracing::warn!(command_id = %change.command_id, %error, "cannot requeue a status report");
+            }
+        }
+    }
+}
+
+/// Stores `changes` in one transaction and returns, for each, whether it is
+/// stored (applied or deliberately ignored). When the transaction fails, each
+/// change is tried alone, so that one change the store cannot take does not
+/// hold back the others.
+async fn store(context: &ServerContext, changes: &[StatusChange]) -> Vec<bool> {
+    let batch = context
+        .store
+        .apply_statuses(changes, |status| context.posts_back(status))
+        .await;
+    match batch {
+        Ok(outcomes) => changes
+            .iter()
+            .zip(outcomes)
+            .map(|(change, outcome)| log_applied(context, change, Ok(outcome)))
+            .collect(),
+        Err(error) if changes.len() > 1 => {
+            tracing::warn!(
+                count = changes.len(),
+                %error,
+                "cannot store a batch of status reports; storing them one at a time"
+            );
+            let mut stored = Vec::with_capacity(changes.len());
+            for change in changes {
+                stored.push(apply_and_log(context, change).await);
+            }
+            stored
+        }
+        Err(error) => vec![log_applied(context, &changes[0], Err(error))],
     }
 }
 

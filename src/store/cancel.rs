@@ -50,7 +50,7 @@ impl Store {
             };
             // A final status is always posted back, whatever the setting for
             // intermediate ones.
-            Self::move_command(&mut tx, &mut command, &change, |_| true).await?;
+            Self::move_command(&mut tx, &mut command, &change, &|_| true).await?;
         }
         sqlx::query("INSERT INTO outbox (command_id, device_id, available_at, kind) VALUES ($1, $2, $3, $4)")
             .bind(id.to_string())

@@ -84,7 +84,44 @@ impl Store {
         notify: impl Fn(CommandStatus) -> bool,
     ) -> Result<Applied, StoreError> {
         let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
-        let Some(mut command) = self.lock_command(&mut tx, change.command_id).await? else {
+        let applied = self.apply_in(&mut tx, change, &notify).await?;
+        if matches!(applied, Applied::Moved(_)) {
+            tx.commit().await?;
+        }
+        Ok(applied)
+    }
+
+    /// Applies several changes like [`Store::apply_status`], in one
+    /// transaction, and returns their outcomes in the order of `changes`.
+    ///
+    /// Changes to one command apply in their order in `changes`. Changes to
+    /// different commands are independent, so they apply in the order of
+    /// their command ids, which makes concurrent batches on PostgreSQL lock
+    /// rows in the same order and never deadlock. If any change fails, none
+    /// is stored.
+    pub async fn apply_statuses(
+        &self,
+        changes: &[StatusChange],
+        notify: impl Fn(CommandStatus) -> bool,
+    ) -> Result<Vec<Applied>, StoreError> {
+        let mut order: Vec<usize> = (0..changes.len()).collect();
+        order.sort_by_key(|&index| changes[index].command_id);
+        let mut outcomes: Vec<Option<Applied>> = (0..changes.len()).map(|_| None).collect();
+        let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
+        for index in order {
+            outcomes[index] = Some(self.apply_in(&mut tx, &changes[index], &notify).await?);
+        }
+        tx.commit().await?;
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    async fn apply_in(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        change: &StatusChange,
+        notify: &impl Fn(CommandStatus) -> bool,
+    ) -> Result<Applied, StoreError> {
+        let Some(mut command) = self.lock_command(tx, change.command_id).await? else {
             return Ok(Applied::NotFound);
         };
         if let Some(expected) = &change.expected_device
@@ -99,8 +136,7 @@ impl Store {
                 current: command.status,
             });
         }
-        Self::move_command(&mut tx, &mut command, change, notify).await?;
-        tx.commit().await?;
+        Self::move_command(tx, &mut command, change, notify).await?;
         Ok(Applied::Moved(Box::new(command)))
     }
 
@@ -137,7 +173,7 @@ impl Store {
         tx: &mut Transaction<'_, Any>,
         command: &mut Command,
         change: &StatusChange,
-        notify: impl Fn(CommandStatus) -> bool,
+        notify: &impl Fn(CommandStatus) -> bool,
     ) -> Result<(), StoreError> {
         debug_assert!(command.status.can_move_to(change.status));
         command.status = change.status;
@@ -161,7 +197,7 @@ impl Store {
         .bind(change.at.0)
         .execute(&mut **tx)
         .await?;
-        let sequence = insert_transition(
+        insert_transition(
             tx,
             command.id,
             change.status,
@@ -173,6 +209,7 @@ impl Store {
         if let Some(url) = command.postback_uri.clone()
             && notify(change.status)
         {
+            let sequence = transition_count(tx, command.id).await?;
             Self::insert_postback(tx, command, &url, sequence, change.at).await?;
         }
         Ok(())
@@ -243,8 +280,6 @@ impl Store {
     }
 }
 
-/// Inserts a transition and returns how many transitions the command has
-/// now, which numbers per-transition postbacks.
 async fn insert_transition(
     tx: &mut Transaction<'_, Any>,
     id: Uuid,
@@ -252,7 +287,7 @@ async fn insert_transition(
     at: Millis,
     source: &str,
     error: Option<&str>,
-) -> Result<i64, StoreError> {
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO command_transitions (command_id, status, at, source, error) VALUES ($1, $2, $3, $4, $5)",
     )
@@ -263,12 +298,19 @@ async fn insert_transition(
     .bind(error)
     .execute(&mut **tx)
     .await?;
-    let count: i64 =
-        sqlx::query("SELECT COUNT(*) AS n FROM command_transitions WHERE command_id = $1")
-            .bind(id.to_string())
-            .fetch_one(&mut **tx)
-            .await?
-            .try_get("n")?;
+    Ok(())
+}
+
+/// Returns how many transitions a command has, which numbers its postbacks.
+pub(super) async fn transition_count(
+    tx: &mut Transaction<'_, Any>,
+    id: Uuid,
+) -> Result<i64, StoreError> {
+    let count = sqlx::query("SELECT COUNT(*) AS n FROM command_transitions WHERE command_id = $1")
+        .bind(id.to_string())
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get("n")?;
     Ok(count)
 }
 
@@ -336,4 +378,125 @@ pub(super) async fn insert_command_rows(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::CommandType;
+    use crate::store::PoolSettings;
+
+    async fn sqlite_store(dir: &tempfile::TempDir) -> Store {
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("store.db").display()
+        );
+        Store::connect(&url, &PoolSettings::default())
+            .await
+            .unwrap()
+    }
+
+    async fn queued(store: &Store, device: &str) -> Command {
+        let new = NewCommand {
+            device_id: DeviceId::parse(device).unwrap(),
+            owner: "owner".into(),
+            command_type: CommandType::AppService,
+            app_service_name: Some("echo".into()),
+            package_family_name: None,
+            payload: None,
+            permission_ticket: None,
+            postback_uri: Some("http://127.0.0.1:9/hooks".into()),
+            expires_at: None,
+        };
+        store.insert_command(new).await.unwrap()
+    }
+
+    fn change(command: &Command, status: CommandStatus, device: &str) -> StatusChange {
+        StatusChange {
+            command_id: command.id,
+            status,
+            error: None,
+            response_payload: Some(format!("\"{status}\"")),
+            source: format!("agent:{device}"),
+            expected_device: Some(DeviceId::parse(device).unwrap()),
+            at: Millis::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn batch_applies_each_command_in_order_and_reports_each_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(&dir).await;
+        let first = queued(&store, "d1").await;
+        let second = queued(&store, "d2").await;
+        let missing = Command {
+            id: Uuid::now_v7(),
+            ..first.clone()
+        };
+        // The second command's changes come first and the first command's are
+        // interleaved, as reports of two devices arrive in one batch.
+        let changes = [
+            change(&second, CommandStatus::SentToTarget, "d2"),
+            change(&first, CommandStatus::SentToTarget, "d1"),
+            change(&second, CommandStatus::Executing, "d2"),
+            change(&first, CommandStatus::Executing, "d1"),
+            change(&first, CommandStatus::Completed, "d1"),
+            change(&first, CommandStatus::Executing, "d1"),
+            change(&second, CommandStatus::Completed, "d1"),
+            change(&missing, CommandStatus::Completed, "d1"),
+        ];
+        let outcomes = store
+            .apply_statuses(&changes, |s| s.is_final())
+            .await
+            .unwrap();
+        let summary: Vec<String> = outcomes
+            .iter()
+            .map(|outcome| match outcome {
+                Applied::Moved(command) => format!("moved to {}", command.status),
+                Applied::Ignored { current } => format!("ignored at {current}"),
+                Applied::WrongDevice { actual } => format!("wrong device, is {actual}"),
+                Applied::NotFound => "not found".into(),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                "moved to sentToTarget",
+                "moved to sentToTarget",
+                "moved to executing",
+                "moved to executing",
+                "moved to completed",
+                "ignored at completed",
+                "wrong device, is d2",
+                "not found",
+            ]
+        );
+
+        let statuses = |transitions: Vec<Transition>| -> Vec<String> {
+            transitions.iter().map(|t| t.status.to_string()).collect()
+        };
+        assert_eq!(
+            statuses(store.transitions(first.id).await.unwrap()),
+            ["queued", "sentToTarget", "executing", "completed"]
+        );
+        assert_eq!(
+            statuses(store.transitions(second.id).await.unwrap()),
+            ["queued", "sentToTarget", "executing"]
+        );
+        let stored = store.get_command(first.id).await.unwrap().unwrap();
+        assert_eq!(stored.response_payload.as_deref(), Some("\"completed\""));
+        // Only the final status posts back, numbered by its transition.
+        let postbacks = store.postbacks_of(first.id).await.unwrap();
+        assert_eq!(postbacks.len(), 1);
+        assert_eq!(postbacks[0].sequence, 4);
+        assert!(store.postbacks_of(second.id).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn empty_batch_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(&dir).await;
+        let outcomes = store.apply_statuses(&[], |_| true).await.unwrap();
+        assert!(outcomes.is_empty());
+    }
 }
