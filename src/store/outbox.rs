@@ -13,6 +13,10 @@ pub struct OutboxItem {
     pub command: Command,
 }
 
+/// Ids removed per `DELETE`, well below the bound parameters SQLite and
+/// PostgreSQL allow in one statement.
+const DELETE_CHUNK: usize = 500;
+
 impl Store {
     /// Outbox rows due at `now`, in the order they were written. A row is
     /// left out while an earlier row of the same device waits for a retry,
@@ -49,11 +53,18 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
-        for id in outbox_ids {
-            sqlx::query("DELETE FROM outbox WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in outbox_ids.chunks(DELETE_CHUNK) {
+            // The statement holds only numbered placeholders, one per id.
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+            let sql = format!(
+                "DELETE FROM outbox WHERE id IN ({})",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
