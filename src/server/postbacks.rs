@@ -119,38 +119,50 @@ async fn start_due(
             return;
         };
         let page_full = due.len() >= limit;
+        // Slots are taken while choosing, so that the cap per receiver holds
+        // within one page; the leases are then taken in one statement.
+        let mut chosen = Vec::new();
         for postback in due {
-            if tasks.len() >= settings.max_in_flight {
-                return;
+            if tasks.len() + chosen.len() >= settings.max_in_flight {
+                break;
             }
             let host = host_key(&postback.url);
-            if per_host.get(&host).copied().unwrap_or(0) >= settings.max_in_flight_per_host {
+            let slots = per_host.entry(host.clone()).or_default();
+            if *slots >= settings.max_in_flight_per_host {
                 continue;
             }
-            match context
-                .store
-                .lease_postback(postback.id, now, lease_until)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(error) => {
-                    tracing::warn!(postback_id = %postback.id, %error, "cannot lease a postback");
-                    continue;
-                }
+            *slots += 1;
+            chosen.push((postback, host));
+        }
+        let ids: Vec<_> = chosen.iter().map(|(postback, _)| postback.id).collect();
+        let mut bodies = match context.store.lease_postbacks(&ids, now, lease_until).await {
+            Ok(bodies) => bodies,
+            Err(error) => {
+                tracing::warn!(count = ids.len(), %error, "cannot lease due postbacks");
+                HashMap::new()
             }
-            *per_host.entry(host.clone()).or_default() += 1;
+        };
+        for (postback, host) in chosen {
+            let Some(body) = bodies.remove(&postback.id) else {
+                // Another sender took it, or the lease failed: hand the slot back.
+                release(per_host, Ok(host));
+                continue;
+            };
             let (context, client, settings) = (context.clone(), client.clone(), settings.clone());
             tasks.spawn(async move {
                 // A panicking attempt still hands its receiver's slot back;
                 // its lease runs out and another attempt follows.
                 let id = postback.id;
-                let attempt = AssertUnwindSafe(deliver(&context, &client, &settings, postback));
+                let attempt =
+                    AssertUnwindSafe(deliver(&context, &client, &settings, postback, body));
                 if attempt.catch_unwind().await.is_err() {
                     tracing::error!(postback_id = %id, "postback attempt panicked; it will be retried when its lease ends");
                 }
                 host
             });
+        }
+        if tasks.len() >= settings.max_in_flight {
+            return;
         }
         let newly_busy = busy_origins(per_host, settings.max_in_flight_per_host).len() > busy.len();
         if !page_full || !newly_busy {
@@ -203,6 +215,7 @@ async fn deliver(
     client: &PostbackClient,
     settings: &SenderSettings,
     postback: DuePostback,
+    body: String,
 ) {
     let attempt_number = postback.attempts + 1;
     let started = Millis::now();
@@ -217,13 +230,11 @@ async fn deliver(
                     "webhook-signature",
                     settings
                         .secrets
-                        .sign(&webhook_id, timestamp, postback.body.as_bytes()),
+                        .sign(&webhook_id, timestamp, body.as_bytes()),
                 ),
                 ("webhook-sequence", postback.sequence.to_string()),
             ];
-            client
-                .send(&url, &headers, Bytes::from(postback.body.clone()))
-                .await
+            client.send(&url, &headers, Bytes::from(body)).await
         }
         Err(error) => Attempt {
             outcome: Outcome::Rejected,

@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+
 use sqlx::{Any, Row, Transaction};
 use uuid::Uuid;
 
@@ -8,13 +10,14 @@ pub const PENDING: &str = "pending";
 pub const DELIVERED: &str = "delivered";
 pub const FAILED: &str = "failed";
 
-/// A delivery that is due and not leased by another sender.
+/// A delivery that is due and not leased by another sender. Its body is
+/// read when it is leased, so that passing over a due delivery costs no
+/// copy of its body.
 #[derive(Clone, Debug)]
 pub struct DuePostback {
     pub id: Uuid,
     pub command_id: Uuid,
     pub url: String,
-    pub body: String,
     pub sequence: i64,
     pub attempts: i64,
 }
@@ -77,12 +80,7 @@ impl Store {
             return Ok(None);
         };
         let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
-        let sequence: i64 =
-            sqlx::query("SELECT COUNT(*) AS n FROM command_transitions WHERE command_id = $1")
-                .bind(command.id.to_string())
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("n")?;
+        let sequence = super::commands::transition_count(&mut tx, command.id).await?;
         let id = Self::insert_postback(&mut tx, command, url, sequence, Millis::now()).await?;
         tx.commit().await?;
         Ok(Some(id))
@@ -100,7 +98,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<DuePostback>, StoreError> {
         let mut sql = String::from(
-            "SELECT id, command_id, url, body, sequence, attempts FROM postbacks \
+            "SELECT id, command_id, url, sequence, attempts FROM postbacks \
              WHERE state = $1 AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until <= $2)",
         );
         // A stored URL is normalized, so it starts with its origin and a
@@ -126,7 +124,6 @@ impl Store {
                     id: parse_uuid(row.try_get("id")?)?,
                     command_id: parse_uuid(row.try_get("command_id")?)?,
                     url: row.try_get("url")?,
-                    body: row.try_get("body")?,
                     sequence: row.try_get("sequence")?,
                     attempts: row.try_get("attempts")?,
                 })
@@ -134,26 +131,42 @@ impl Store {
             .collect()
     }
 
-    /// Leases a due delivery until `until`, so no other sender (in this or
-    /// another process) sends it meanwhile. Returns false when it was taken.
-    pub async fn lease_postback(
+    /// Leases the due deliveries among `ids` until `until`, so no other
+    /// sender (in this or another process) sends them meanwhile, and returns
+    /// the body of each one leased. Deliveries another sender took since
+    /// they were read are left out.
+    pub async fn lease_postbacks(
         &self,
-        id: Uuid,
+        ids: &[Uuid],
         now: Millis,
         until: Millis,
-    ) -> Result<bool, StoreError> {
-        let result = sqlx::query(
+    ) -> Result<HashMap<Uuid, String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // The statement holds only numbered placeholders: $1 to $3 for the
+        // lease, then one per id.
+        let placeholders: Vec<String> = (4..ids.len() + 4).map(|n| format!("${n}")).collect();
+        let sql = format!(
             "UPDATE postbacks SET lease_until = $3 \
-             WHERE id = $1 AND state = $4 AND (lease_until IS NULL OR lease_until <= $2)",
-        )
-        .bind(id.to_string())
-        .bind(now.0)
-        .bind(until.0)
-        .bind(PENDING)
-        .execute(&self.writer)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected() == 1)
+             WHERE state = $1 AND (lease_until IS NULL OR lease_until <= $2) AND id IN ({}) \
+             RETURNING id, body",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(PENDING)
+            .bind(now.0)
+            .bind(until.0);
+        for id in ids {
+            query = query.bind(id.to_string());
+        }
+        let rows = query
+            .fetch_all(&self.writer)
+            .await
+            .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(|row| Ok((parse_uuid(row.try_get("id")?)?, row.try_get("body")?)))
+            .collect()
     }
 
     /// Records one attempt and the delivery's new state: `next_attempt_at`
@@ -298,6 +311,87 @@ fn parse_uuid(text: String) -> Result<Uuid, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::NewCommand;
+    use crate::domain::{CommandStatus, CommandType, DeviceId};
+    use crate::store::{PoolSettings, StatusChange};
+
+    /// A store with one command that completed, so it has one pending
+    /// delivery, and that delivery's id.
+    async fn store_with_delivery(dir: &tempfile::TempDir) -> (Store, Uuid) {
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("store.db").display()
+        );
+        let store = Store::connect(&url, &PoolSettings::default())
+            .await
+            .unwrap();
+        let command = store
+            .insert_command(NewCommand {
+                device_id: DeviceId::parse("d1").unwrap(),
+                owner: "owner".into(),
+                command_type: CommandType::AppService,
+                app_service_name: Some("echo".into()),
+                package_family_name: None,
+                payload: Some("{\"n\":1}".into()),
+                permission_ticket: None,
+                postback_uri: Some("http://127.0.0.1:9/hooks".into()),
+                expires_at: None,
+            })
+            .await
+            .unwrap();
+        let change = StatusChange {
+            command_id: command.id,
+            status: CommandStatus::Canceled,
+            error: None,
+            response_payload: None,
+            source: "api".into(),
+            expected_device: None,
+            at: Millis::now(),
+        };
+        store.apply_status(&change, |_| true).await.unwrap();
+        let due = store.due_postbacks(Millis::now(), &[], 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        (store, due[0].id)
+    }
+
+    #[tokio::test]
+    async fn lease_returns_bodies_of_free_deliveries_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, id) = store_with_delivery(&dir).await;
+        let unknown = Uuid::now_v7();
+        let now = Millis::now();
+        let until = now.saturating_add(std::time::Duration::from_secs(30));
+
+        let leased = store
+            .lease_postbacks(&[id, unknown], now, until)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1);
+        assert!(
+            leased[&id].contains("\"Payload\":{\"n\":1}"),
+            "{}",
+            leased[&id]
+        );
+        // Leased now: neither due nor leased again before `until`.
+        assert!(store.due_postbacks(now, &[], 10).await.unwrap().is_empty());
+        assert!(
+            store
+                .lease_postbacks(&[id], now, until)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Once the lease ran out, another sender may take it.
+        let later = until.saturating_add(std::time::Duration::from_millis(1));
+        assert_eq!(
+            store
+                .lease_postbacks(&[id], later, later)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
 
     #[test]
     fn escape_like_escapes_wildcards() {
