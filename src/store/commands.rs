@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+
 use sqlx::{Any, Row, Transaction};
 use uuid::Uuid;
 
@@ -83,61 +85,131 @@ impl Store {
         change: &StatusChange,
         notify: impl Fn(CommandStatus) -> bool,
     ) -> Result<Applied, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
-        let applied = self.apply_in(&mut tx, change, &notify).await?;
-        if matches!(applied, Applied::Moved(_)) {
-            tx.commit().await?;
-        }
-        Ok(applied)
+        let mut outcomes = self
+            .apply_statuses(std::slice::from_ref(change), notify)
+            .await?;
+        Ok(outcomes.pop().unwrap_or(Applied::NotFound))
     }
 
     /// Applies several changes like [`Store::apply_status`], in one
     /// transaction, and returns their outcomes in the order of `changes`.
+    /// Changes to one command apply in their order in `changes`. If any
+    /// write fails, none is stored.
     ///
-    /// Changes to one command apply in their order in `changes`. Changes to
-    /// different commands are independent, so they apply in the order of
-    /// their command ids, which makes concurrent batches on PostgreSQL lock
-    /// rows in the same order and never deadlock. If any change fails, none
-    /// is stored.
+    /// The transaction takes a fixed number of statements whatever the
+    /// number of changes: one read of every command involved (locking the
+    /// rows in id order on PostgreSQL, so concurrent batches never
+    /// deadlock), one update of the moved commands, one insert of their
+    /// transitions, and, when postbacks are due, one count and one insert.
     pub async fn apply_statuses(
         &self,
         changes: &[StatusChange],
         notify: impl Fn(CommandStatus) -> bool,
     ) -> Result<Vec<Applied>, StoreError> {
-        let mut order: Vec<usize> = (0..changes.len()).collect();
-        order.sort_by_key(|&index| changes[index].command_id);
-        let mut outcomes: Vec<Option<Applied>> = (0..changes.len()).map(|_| None).collect();
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<Uuid> = changes.iter().map(|change| change.command_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
         let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
-        for index in order {
-            outcomes[index] = Some(self.apply_in(&mut tx, &changes[index], &notify).await?);
+        let mut commands = self.lock_commands(&mut tx, &ids).await?;
+
+        let mut outcomes = Vec::with_capacity(changes.len());
+        let mut transitions = Vec::new();
+        let mut postbacks = Vec::new();
+        // Transitions each command gains in this batch, which numbers its
+        // postbacks after the ones it had.
+        let mut gained: HashMap<Uuid, i64> = HashMap::new();
+        for change in changes {
+            let Some(command) = commands.get_mut(&change.command_id) else {
+                outcomes.push(Applied::NotFound);
+                continue;
+            };
+            if let Some(expected) = &change.expected_device
+                && *expected != command.device_id
+            {
+                outcomes.push(Applied::WrongDevice {
+                    actual: command.device_id.clone(),
+                });
+                continue;
+            }
+            if !command.status.can_move_to(change.status) {
+                outcomes.push(Applied::Ignored {
+                    current: command.status,
+                });
+                continue;
+            }
+            move_in_memory(command, change);
+            transitions.push(change);
+            let count = gained.entry(command.id).or_default();
+            *count += 1;
+            if let Some(url) = &command.postback_uri
+                && notify(change.status)
+            {
+                postbacks.push(NewPostback {
+                    command_id: command.id,
+                    url: url.clone(),
+                    body: command.to_json(None),
+                    sequence: *count,
+                    at: change.at,
+                });
+            }
+            outcomes.push(Applied::Moved(Box::new(command.clone())));
+        }
+
+        if !transitions.is_empty() {
+            if !postbacks.is_empty() {
+                let mut posted: Vec<Uuid> = postbacks.iter().map(|p| p.command_id).collect();
+                posted.sort_unstable();
+                posted.dedup();
+                let before = transition_counts(&mut tx, &posted).await?;
+                for postback in &mut postbacks {
+                    postback.sequence += before.get(&postback.command_id).copied().unwrap_or(0);
+                }
+            }
+            let moved: Vec<&Command> = ids
+                .iter()
+                .filter(|id| gained.contains_key(id))
+                .filter_map(|id| commands.get(id))
+                .collect();
+            update_commands(&mut tx, &moved).await?;
+            insert_transitions(&mut tx, &transitions).await?;
+            insert_postbacks(&mut tx, &postbacks).await?;
         }
         tx.commit().await?;
-        Ok(outcomes.into_iter().flatten().collect())
+        Ok(outcomes)
     }
 
-    async fn apply_in(
+    /// Reads the commands with `ids` inside `tx`, locking their rows in id
+    /// order on PostgreSQL; on SQLite the single writer connection already
+    /// orders writers.
+    async fn lock_commands(
         &self,
         tx: &mut Transaction<'_, Any>,
-        change: &StatusChange,
-        notify: &impl Fn(CommandStatus) -> bool,
-    ) -> Result<Applied, StoreError> {
-        let Some(mut command) = self.lock_command(tx, change.command_id).await? else {
-            return Ok(Applied::NotFound);
-        };
-        if let Some(expected) = &change.expected_device
-            && *expected != command.device_id
-        {
-            return Ok(Applied::WrongDevice {
-                actual: command.device_id,
-            });
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Command>, StoreError> {
+        let mut commands = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(super::MAX_ROWS_PER_STATEMENT) {
+            let lock = match self.backend {
+                Backend::Postgres => " FOR UPDATE",
+                Backend::Sqlite => "",
+            };
+            let sql = format!(
+                "SELECT {} FROM commands c WHERE c.id IN ({}) ORDER BY c.id{lock}",
+                command_columns!(),
+                super::placeholders(1, chunk.len(), 1)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                let command = command_from_row(&row)?;
+                commands.insert(command.id, command);
+            }
         }
-        if !command.status.can_move_to(change.status) {
-            return Ok(Applied::Ignored {
-                current: command.status,
-            });
-        }
-        Self::move_command(tx, &mut command, change, notify).await?;
-        Ok(Applied::Moved(Box::new(command)))
+        Ok(commands)
     }
 
     /// Reads a command inside `tx`, locking its row on PostgreSQL so that
@@ -176,16 +248,7 @@ impl Store {
         notify: &impl Fn(CommandStatus) -> bool,
     ) -> Result<(), StoreError> {
         debug_assert!(command.status.can_move_to(change.status));
-        command.status = change.status;
-        command.last_action_at = change.at;
-        if change.error.is_some() {
-            command.error.clone_from(&change.error);
-        }
-        if change.response_payload.is_some() {
-            command
-                .response_payload
-                .clone_from(&change.response_payload);
-        }
+        move_in_memory(command, change);
         sqlx::query(
             "UPDATE commands SET status = $2, error = $3, response_payload = $4, last_action_at = $5 \
              WHERE id = $1",
@@ -312,6 +375,136 @@ pub(super) async fn transition_count(
         .await?
         .try_get("n")?;
     Ok(count)
+}
+
+/// Moves `command` to the status of `change` in memory: status, time, and
+/// the `Error` and `ResponsePayload` the change carries.
+fn move_in_memory(command: &mut Command, change: &StatusChange) {
+    command.status = change.status;
+    command.last_action_at = change.at;
+    if change.error.is_some() {
+        command.error.clone_from(&change.error);
+    }
+    if change.response_payload.is_some() {
+        command
+            .response_payload
+            .clone_from(&change.response_payload);
+    }
+}
+
+/// A postback delivery to create for a transition.
+struct NewPostback {
+    command_id: Uuid,
+    url: String,
+    body: String,
+    sequence: i64,
+    at: Millis,
+}
+
+/// Writes the status, `Error`, `ResponsePayload` and time of each command.
+async fn update_commands(
+    tx: &mut Transaction<'_, Any>,
+    commands: &[&Command],
+) -> Result<(), StoreError> {
+    for chunk in commands.chunks(super::MAX_ROWS_PER_STATEMENT) {
+        // Both SQLite and PostgreSQL name the columns of a VALUES list
+        // column1, column2, and so on.
+        let sql = format!(
+            "UPDATE commands SET status = v.column2, error = v.column3, \
+             response_payload = v.column4, last_action_at = v.column5 \
+             FROM (VALUES {}) AS v WHERE commands.id = v.column1",
+            super::placeholders(1, chunk.len(), 5)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for command in chunk {
+            query = query
+                .bind(command.id.to_string())
+                .bind(command.status.as_str())
+                .bind(command.error.clone())
+                .bind(command.response_payload.clone())
+                .bind(command.last_action_at.0);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Records each change as a transition of its command, in the order given.
+async fn insert_transitions(
+    tx: &mut Transaction<'_, Any>,
+    changes: &[&StatusChange],
+) -> Result<(), StoreError> {
+    for chunk in changes.chunks(super::MAX_ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO command_transitions (command_id, status, at, source, error) VALUES {}",
+            super::placeholders(1, chunk.len(), 5)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for change in chunk {
+            query = query
+                .bind(change.command_id.to_string())
+                .bind(change.status.as_str())
+                .bind(change.at.0)
+                .bind(change.source.clone())
+                .bind(change.error.clone());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Returns how many transitions each of the commands has.
+async fn transition_counts(
+    tx: &mut Transaction<'_, Any>,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, i64>, StoreError> {
+    let mut counts = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(super::MAX_ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT command_id, COUNT(*) AS n FROM command_transitions \
+             WHERE command_id IN ({}) GROUP BY command_id",
+            super::placeholders(1, chunk.len(), 1)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind(id.to_string());
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let id: String = row.try_get("command_id")?;
+            let id = Uuid::parse_str(&id)
+                .map_err(|e| StoreError::Corrupt(format!("command id {id:?}: {e}")))?;
+            counts.insert(id, row.try_get("n")?);
+        }
+    }
+    Ok(counts)
+}
+
+async fn insert_postbacks(
+    tx: &mut Transaction<'_, Any>,
+    postbacks: &[NewPostback],
+) -> Result<(), StoreError> {
+    for chunk in postbacks.chunks(super::MAX_ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO postbacks (id, command_id, url, body, sequence, state, attempts, \
+             next_attempt_at, created_at) VALUES {}",
+            super::placeholders(1, chunk.len(), 9)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for postback in chunk {
+            query = query
+                .bind(Uuid::now_v7().to_string())
+                .bind(postback.command_id.to_string())
+                .bind(postback.url.clone())
+                .bind(postback.body.clone())
+                .bind(postback.sequence)
+                .bind(super::PENDING)
+                .bind(0_i64)
+                .bind(postback.at.0)
+                .bind(postback.at.0);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// A new `queued` command made from a validated request at `now`.

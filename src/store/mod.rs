@@ -38,7 +38,9 @@ pub use create::{CreateOptions, Created, IdempotencyRecord};
 pub use leader::{OUTBOX_CHANNEL, RelayLeadership};
 pub use listing::{Cursor, ListQuery, ListScope};
 pub use outbox::OutboxItem;
-pub use postbacks::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING, PostbackRecord};
+pub use postbacks::{
+    AttemptRecord, DELIVERED, DuePostback, FAILED, FinishedAttempt, PENDING, PostbackRecord,
+};
 
 use crate::command::{Command, Millis};
 use crate::domain::{CommandStatus, CommandType, DeviceId};
@@ -240,6 +242,51 @@ fn command_from_row(row: &AnyRow) -> Result<Command, StoreError> {
     })
 }
 
+/// Most rows one multi-row statement names. With at most 9 values a row it
+/// stays well below the bound parameters SQLite (32,766) and PostgreSQL
+/// (65,535) allow.
+const MAX_ROWS_PER_STATEMENT: usize = 500;
+
+/// Numbered placeholders for `rows` rows of `columns` values each, starting
+/// at `$first`: `($1, $2), ($3, $4)` for 2 rows of 2. With one column the
+/// rows are a plain list, `$1, $2`, for `IN (…)`.
+fn placeholders(first: usize, rows: usize, columns: usize) -> String {
+    let mut text = String::with_capacity(rows * columns * 5);
+    let mut next = first;
+    for row in 0..rows {
+        if row > 0 {
+            text.push_str(", ");
+        }
+        if columns > 1 {
+            text.push('(');
+        }
+        for column in 0..columns {
+            if column > 0 {
+                text.push_str(", ");
+            }
+            text.push('$');
+            text.push_str(&next.to_string());
+            next += 1;
+        }
+        if columns > 1 {
+            text.push(')');
+        }
+    }
+    text
+}
+
 fn parse_status(value: &str) -> Result<CommandStatus, StoreError> {
     CommandStatus::from_str(value).map_err(StoreError::Corrupt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::placeholders;
+
+    #[test]
+    fn placeholders_number_rows_and_lists() {
+        assert_eq!(placeholders(1, 2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(placeholders(4, 3, 1), "$4, $5, $6");
+        assert_eq!(placeholders(1, 1, 3), "($1, $2, $3)");
+    }
 }

@@ -13,10 +13,6 @@ pub struct OutboxItem {
     pub command: Command,
 }
 
-/// Ids removed per `DELETE`, well below the bound parameters SQLite and
-/// PostgreSQL allow in one statement.
-const DELETE_CHUNK: usize = 500;
-
 impl Store {
     /// Outbox rows due at `now`, in the order they were written. A row is
     /// left out while an earlier row of the same device waits for a retry,
@@ -53,12 +49,10 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
-        for chunk in outbox_ids.chunks(DELETE_CHUNK) {
-            // The statement holds only numbered placeholders, one per id.
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+        for chunk in outbox_ids.chunks(super::MAX_ROWS_PER_STATEMENT) {
             let sql = format!(
                 "DELETE FROM outbox WHERE id IN ({})",
-                placeholders.join(", ")
+                super::placeholders(1, chunk.len(), 1)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
