@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use url::Url;
@@ -18,7 +18,7 @@ use crate::command::Millis;
 use crate::postback::client::{Attempt, Outcome, PostbackClient};
 use crate::postback::schedule::RetrySchedule;
 use crate::postback::signature::WebhookSecrets;
-use crate::store::{AttemptRecord, DELIVERED, DuePostback, FAILED, PENDING};
+use crate::store::{AttemptRecord, DELIVERED, DuePostback, FAILED, FinishedAttempt, PENDING};
 
 /// How often the sender looks for due deliveries when nothing wakes it,
 /// which is when scheduled retries fall due.
@@ -47,45 +47,104 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let settings = Arc::new(settings);
-    let mut tasks: JoinSet<String> = JoinSet::new();
+    let mut tasks: JoinSet<()> = JoinSet::new();
     let mut per_host: HashMap<String, usize> = HashMap::new();
+    // Attempts hand their receiver's slot back here as soon as the receiver
+    // answered, before the outcome is stored.
+    let (freed_sender, mut freed) = mpsc::unbounded_channel::<String>();
+    // Attempts send their outcome to one recorder, which stores the
+    // outcomes that wait together in one transaction.
+    let (finished_sender, finished) = mpsc::unbounded_channel();
+    let recorder = tokio::spawn(record(context.clone(), finished));
     loop {
         let woken = wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
 
+        while let Ok(host) = freed.try_recv() {
+            release(&mut per_host, &host);
+        }
         if tasks.len() < settings.max_in_flight {
-            start_due(&context, &client, &settings, &mut tasks, &mut per_host).await;
+            start_due(
+                &context,
+                &client,
+                &settings,
+                &mut tasks,
+                &mut per_host,
+                &freed_sender,
+                &finished_sender,
+            )
+            .await;
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = &mut woken => {}
             () = tokio::time::sleep(IDLE_POLL) => {}
-            Some(finished) = tasks.join_next(), if !tasks.is_empty() => release(&mut per_host, finished),
+            Some(host) = freed.recv() => release(&mut per_host, &host),
+            Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(error) = finished {
+                    tracing::error!(%error, "postback task failed");
+                }
+            }
         }
     }
     // Attempts in flight end within their deadline; let them record their
     // outcome so that nothing is left leased and unrecorded.
     while let Some(finished) = tasks.join_next().await {
-        release(&mut per_host, finished);
+        if let Err(error) = finished {
+            tracing::error!(%error, "postback task failed");
+        }
+    }
+    drop(finished_sender);
+    if let Err(error) = recorder.await {
+        tracing::error!(%error, "postback recorder failed");
     }
     tracing::info!("postback sender stopped");
 }
 
-fn release(
-    per_host: &mut HashMap<String, usize>,
-    finished: Result<String, tokio::task::JoinError>,
+/// Most attempt outcomes stored in one transaction.
+const RECORD_BATCH: usize = 256;
+
+/// Stores attempt outcomes until every sender of `finished` is gone.
+async fn record(
+    context: Arc<ServerContext>,
+    mut finished: mpsc::UnboundedReceiver<FinishedAttempt>,
 ) {
-    match finished {
-        Ok(host) => {
-            if let Some(count) = per_host.get_mut(&host) {
-                *count -= 1;
-                if *count == 0 {
-                    per_host.remove(&host);
-                }
-            }
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while finished.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        if let Err(error) = context.store.record_postback_attempts(&batch).await {
+            tracing::error!(
+                count = batch.len(),
+                %error,
+                "cannot record postback attempts; they will be sent again when their leases end"
+            );
         }
-        Err(error) => tracing::error!(%error, "postback task failed"),
+        batch.clear();
+    }
+}
+
+fn release(per_host: &mut HashMap<String, usize>, host: &str) {
+    if let Some(count) = per_host.get_mut(host) {
+        *count -= 1;
+        if *count == 0 {
+            per_host.remove(host);
+        }
+    }
+}
+
+/// A receiver's slot, held by one attempt while it talks to the receiver.
+/// Dropping it hands the slot back to the sender, also when the attempt
+/// panics.
+struct Slot {
+    host: String,
+    freed: mpsc::UnboundedSender<String>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // The sender's loop owns the receiving end until it stops, and then
+        // no slot counts any more.
+        let _ = self.freed.send(std::mem::take(&mut self.host));
     }
 }
 
@@ -93,8 +152,10 @@ async fn start_due(
     context: &Arc<ServerContext>,
     client: &PostbackClient,
     settings: &Arc<SenderSettings>,
-    tasks: &mut JoinSet<String>,
+    tasks: &mut JoinSet<()>,
     per_host: &mut HashMap<String, usize>,
+    freed: &mpsc::UnboundedSender<String>,
+    finished: &mpsc::UnboundedSender<FinishedAttempt>,
 ) {
     let now = Millis::now();
     // Read more than there are free slots, because rows of receivers that
@@ -145,20 +206,26 @@ async fn start_due(
         for (postback, host) in chosen {
             let Some(body) = bodies.remove(&postback.id) else {
                 // Another sender took it, or the lease failed: hand the slot back.
-                release(per_host, Ok(host));
+                release(per_host, &host);
                 continue;
             };
-            let (context, client, settings) = (context.clone(), client.clone(), settings.clone());
+            let slot = Slot {
+                host,
+                freed: freed.clone(),
+            };
+            let (client, settings, finished) = (client.clone(), settings.clone(), finished.clone());
             tasks.spawn(async move {
                 // A panicking attempt still hands its receiver's slot back;
                 // its lease runs out and another attempt follows.
                 let id = postback.id;
-                let attempt =
-                    AssertUnwindSafe(deliver(&context, &client, &settings, postback, body));
+                let attempt = AssertUnwindSafe(async {
+                    let outcome = deliver(&client, &settings, postback, body, slot).await;
+                    // The recorder runs until the sender stops, after this task.
+                    let _ = finished.send(outcome);
+                });
                 if attempt.catch_unwind().await.is_err() {
                     tracing::error!(postback_id = %id, "postback attempt panicked; it will be retried when its lease ends");
                 }
-                host
             });
         }
         if tasks.len() >= settings.max_in_flight {
@@ -210,13 +277,14 @@ fn host_key(url: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Makes one attempt and returns its outcome for the recorder.
 async fn deliver(
-    context: &ServerContext,
     client: &PostbackClient,
     settings: &SenderSettings,
     postback: DuePostback,
     body: String,
-) {
+    slot: Slot,
+) -> FinishedAttempt {
     let attempt_number = postback.attempts + 1;
     let started = Millis::now();
     let webhook_id = postback.id.to_string();
@@ -244,6 +312,9 @@ async fn deliver(
             duration: Duration::ZERO,
         },
     };
+    // The receiver is done with this attempt; storing the outcome waits for
+    // the store's writer, and the next attempt need not wait for that.
+    drop(slot);
 
     let next = next_attempt_at(settings, &result, attempt_number, started);
     let state = match (&result.outcome, next) {
@@ -260,12 +331,11 @@ async fn deliver(
         duration_ms: i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX),
     };
     log_attempt(&postback, &record, state, next);
-    if let Err(error) = context
-        .store
-        .record_postback_attempt(postback.id, &record, next, state)
-        .await
-    {
-        tracing::error!(postback_id = %postback.id, %error, "cannot record a postback attempt; it will be sent again when its lease ends");
+    FinishedAttempt {
+        postback_id: postback.id,
+        attempt: record,
+        next_attempt_at: next,
+        state: state.to_owned(),
     }
 }
 

@@ -38,6 +38,16 @@ pub struct PostbackRecord {
     pub attempt_log: Vec<AttemptRecord>,
 }
 
+/// An attempt that ended, with the delivery's new state: `next_attempt_at`
+/// set means try again then; otherwise the delivery ends in `state`.
+#[derive(Clone, Debug)]
+pub struct FinishedAttempt {
+    pub postback_id: Uuid,
+    pub attempt: AttemptRecord,
+    pub next_attempt_at: Option<Millis>,
+    pub state: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct AttemptRecord {
     pub attempt: i64,
@@ -144,14 +154,12 @@ impl Store {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        // The statement holds only numbered placeholders: $1 to $3 for the
-        // lease, then one per id.
-        let placeholders: Vec<String> = (4..ids.len() + 4).map(|n| format!("${n}")).collect();
+        // $1 to $3 hold the lease, the placeholders after them the ids.
         let sql = format!(
             "UPDATE postbacks SET lease_until = $3 \
              WHERE state = $1 AND (lease_until IS NULL OR lease_until <= $2) AND id IN ({}) \
              RETURNING id, body",
-            placeholders.join(", ")
+            super::placeholders(4, ids.len(), 1)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(PENDING)
@@ -169,43 +177,60 @@ impl Store {
             .collect()
     }
 
-    /// Records one attempt and the delivery's new state: `next_attempt_at`
-    /// set means try again then; otherwise the delivery ends in `state`.
-    pub async fn record_postback_attempt(
+    /// Records the attempts and their deliveries' new states, in one
+    /// transaction of two statements, and ends their leases.
+    pub async fn record_postback_attempts(
         &self,
-        id: Uuid,
-        attempt: &AttemptRecord,
-        next_attempt_at: Option<Millis>,
-        state: &str,
+        attempts: &[FinishedAttempt],
     ) -> Result<(), StoreError> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
-        sqlx::query(
-            "INSERT INTO postback_attempts (postback_id, attempt, at, status_code, outcome, error, duration_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(id.to_string())
-        .bind(attempt.attempt)
-        .bind(attempt.at.0)
-        .bind(attempt.status_code)
-        .bind(&attempt.outcome)
-        .bind(&attempt.error)
-        .bind(attempt.duration_ms)
-        .execute(&mut *tx)
-        .await?;
-        let finished_at = next_attempt_at.is_none().then_some(attempt.at.0);
-        sqlx::query(
-            "UPDATE postbacks SET attempts = $2, state = $3, next_attempt_at = COALESCE($4, next_attempt_at), \
-             lease_until = NULL, last_status = $5, last_error = $6, finished_at = $7 WHERE id = $1",
-        )
-        .bind(id.to_string())
-        .bind(attempt.attempt)
-        .bind(state)
-        .bind(next_attempt_at.map(|m| m.0))
-        .bind(attempt.status_code)
-        .bind(&attempt.error)
-        .bind(finished_at)
-        .execute(&mut *tx)
-        .await?;
+        for chunk in attempts.chunks(super::MAX_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO postback_attempts \
+                 (postback_id, attempt, at, status_code, outcome, error, duration_ms) VALUES {}",
+                super::placeholders(1, chunk.len(), 7)
+            );
+            let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for finished in chunk {
+                let attempt = &finished.attempt;
+                insert = insert
+                    .bind(finished.postback_id.to_string())
+                    .bind(attempt.attempt)
+                    .bind(attempt.at.0)
+                    .bind(attempt.status_code)
+                    .bind(attempt.outcome.clone())
+                    .bind(attempt.error.clone())
+                    .bind(attempt.duration_ms);
+            }
+            insert.execute(&mut *tx).await?;
+
+            // Both SQLite and PostgreSQL name the columns of a VALUES list
+            // column1, column2, and so on.
+            let sql = format!(
+                "UPDATE postbacks SET attempts = v.column2, state = v.column3, \
+                 next_attempt_at = COALESCE(v.column4, postbacks.next_attempt_at), lease_until = NULL, \
+                 last_status = v.column5, last_error = v.column6, finished_at = v.column7 \
+                 FROM (VALUES {}) AS v WHERE postbacks.id = v.column1",
+                super::placeholders(1, chunk.len(), 7)
+            );
+            let mut update = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for finished in chunk {
+                let attempt = &finished.attempt;
+                let finished_at = finished.next_attempt_at.is_none().then_some(attempt.at.0);
+                update = update
+                    .bind(finished.postback_id.to_string())
+                    .bind(attempt.attempt)
+                    .bind(finished.state.clone())
+                    .bind(finished.next_attempt_at.map(|m| m.0))
+                    .bind(attempt.status_code)
+                    .bind(attempt.error.clone())
+                    .bind(finished_at);
+            }
+            update.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -352,6 +377,80 @@ mod tests {
         let due = store.due_postbacks(Millis::now(), &[], 10).await.unwrap();
         assert_eq!(due.len(), 1);
         (store, due[0].id)
+    }
+
+    #[tokio::test]
+    async fn recorded_attempts_end_or_reschedule_their_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, id) = store_with_delivery(&dir).await;
+        let now = Millis::now();
+        let retry_at = now.saturating_add(std::time::Duration::from_secs(60));
+        let attempt = |number: i64, outcome: &str, status: i64| AttemptRecord {
+            attempt: number,
+            at: now,
+            status_code: Some(status),
+            outcome: outcome.into(),
+            error: Some(format!("HTTP {status}")),
+            duration_ms: 3,
+        };
+        store.lease_postbacks(&[id], now, retry_at).await.unwrap();
+        let retry = FinishedAttempt {
+            postback_id: id,
+            attempt: attempt(1, "retry", 503),
+            next_attempt_at: Some(retry_at),
+            state: PENDING.into(),
+        };
+        store.record_postback_attempts(&[retry]).await.unwrap();
+        let records = store
+            .postbacks_of(store_command(&store, id).await)
+            .await
+            .unwrap();
+        assert_eq!(records[0].state, PENDING);
+        assert_eq!(records[0].next_attempt_at, Some(retry_at));
+        assert_eq!(records[0].finished_at, None);
+        // The lease ended with the record: the delivery is due at its retry time.
+        assert_eq!(
+            store.due_postbacks(retry_at, &[], 10).await.unwrap().len(),
+            1
+        );
+
+        let delivered = FinishedAttempt {
+            postback_id: id,
+            attempt: attempt(2, "delivered", 204),
+            next_attempt_at: None,
+            state: DELIVERED.into(),
+        };
+        store.record_postback_attempts(&[delivered]).await.unwrap();
+        let records = store
+            .postbacks_of(store_command(&store, id).await)
+            .await
+            .unwrap();
+        assert_eq!(records[0].state, DELIVERED);
+        assert_eq!(records[0].attempts, 2);
+        assert_eq!(records[0].last_status, Some(204));
+        assert_eq!(records[0].finished_at, Some(now));
+        let outcomes: Vec<&str> = records[0]
+            .attempt_log
+            .iter()
+            .map(|a| a.outcome.as_str())
+            .collect();
+        assert_eq!(outcomes, ["retry", "delivered"]);
+        assert!(
+            store
+                .due_postbacks(retry_at, &[], 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    async fn store_command(store: &Store, postback_id: Uuid) -> Uuid {
+        let row = sqlx::query("SELECT command_id FROM postbacks WHERE id = $1")
+            .bind(postback_id.to_string())
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        parse_uuid(row.try_get("command_id").unwrap()).unwrap()
     }
 
     #[tokio::test]
