@@ -107,18 +107,8 @@ impl Store {
         skipped_origins: &[String],
         limit: i64,
     ) -> Result<Vec<DuePostback>, StoreError> {
-        let mut sql = String::from(
-            "SELECT id, command_id, url, sequence, attempts FROM postbacks \
-             WHERE state = $1 AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until <= $2)",
-        );
-        // A stored URL is normalized, so it starts with its origin and a
-        // slash. The placeholders after $3 hold the origin patterns.
-        for index in 0..skipped_origins.len() {
-            sql.push_str(&format!(" AND url NOT LIKE ${} ESCAPE '\\'", index + 4));
-        }
-        sql.push_str(" ORDER BY next_attempt_at, id LIMIT $3");
+        let sql = due_sql(skipped_origins.len());
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(PENDING)
             .bind(now.0)
             .bind(limit);
         for origin in skipped_origins {
@@ -316,6 +306,25 @@ impl Store {
     }
 }
 
+/// The query of [`Store::due_postbacks`]: `$1` is the time, `$2` the limit,
+/// and each placeholder after them the pattern of a skipped origin.
+fn due_sql(skipped_origins: usize) -> String {
+    // The state is written out, not bound: SQLite uses the partial index
+    // `postbacks_due` only when the query itself names its condition, and
+    // without it every pass scans every delivery ever made.
+    let mut sql = String::from(
+        "SELECT id, command_id, url, sequence, attempts FROM postbacks \
+         WHERE state = 'pending' AND next_attempt_at <= $1 \
+         AND (lease_until IS NULL OR lease_until <= $1)",
+    );
+    // A stored URL is normalized, so it starts with its origin and a slash.
+    for index in 0..skipped_origins {
+        sql.push_str(&format!(" AND url NOT LIKE ${} ESCAPE '\\'", index + 3));
+    }
+    sql.push_str(" ORDER BY next_attempt_at, id LIMIT $2");
+    sql
+}
+
 /// Escapes the LIKE wildcards `%` and `_`, and the escape character `\`
 /// itself, so that `text` matches only itself.
 fn escape_like(text: &str) -> String {
@@ -451,6 +460,32 @@ mod tests {
             .await
             .unwrap();
         parse_uuid(row.try_get("command_id").unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn due_query_uses_the_partial_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_delivery(&dir).await;
+        for skipped in [0, 2] {
+            let sql = format!("EXPLAIN QUERY PLAN {}", due_sql(skipped));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(0_i64)
+                .bind(10_i64);
+            for _ in 0..skipped {
+                query = query.bind("http://a.example/%");
+            }
+            let plan: Vec<String> = query
+                .fetch_all(&store.reader)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.try_get("detail").unwrap())
+                .collect();
+            assert!(
+                plan.iter().any(|step| step.contains("INDEX postbacks_due")),
+                "plan with {skipped} skipped origins: {plan:?}"
+            );
+        }
     }
 
     #[tokio::test]
