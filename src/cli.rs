@@ -116,6 +116,18 @@ pub struct ServeArgs {
     #[arg(long, env = "DISPATCHER_POSTBACK_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub postback_timeout: Duration,
 
+    /// Postback attempts in flight at once, across all receivers.
+    #[arg(long, env = "DISPATCHER_POSTBACK_MAX_IN_FLIGHT", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub postback_max_in_flight: u16,
+
+    /// Postback attempts in flight at once to one receiver (scheme, host and
+    /// port), so that a slow receiver is not flooded and cannot take every
+    /// slot from the others.
+    #[arg(long, env = "DISPATCHER_POSTBACK_MAX_PER_RECEIVER", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub postback_max_per_receiver: u16,
+
     /// Post back on every status change, not only when the command is final.
     #[arg(long, env = "DISPATCHER_POSTBACK_EVERY_TRANSITION")]
     pub postback_every_transition: bool,

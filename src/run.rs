@@ -134,23 +134,18 @@ fn postback_sender(
     };
     let mut config = ClientConfig::new(allowed.clone());
     config.attempt_timeout = args.postback_timeout;
-    config.per_host_concurrency = POSTBACKS_PER_HOST;
+    config.per_host_concurrency = usize::from(args.postback_max_per_receiver);
     let client =
         PostbackClient::try_new(config).context("cannot build the postback HTTP client")?;
     let settings = SenderSettings {
         secrets,
         schedule,
         attempt_timeout: args.postback_timeout,
-        max_in_flight: POSTBACKS_IN_FLIGHT,
-        max_in_flight_per_host: POSTBACKS_PER_HOST,
+        max_in_flight: usize::from(args.postback_max_in_flight),
+        max_in_flight_per_host: usize::from(args.postback_max_per_receiver),
     };
     Ok((client, settings))
 }
-
-/// Postback attempts in flight at once, across all receivers.
-const POSTBACKS_IN_FLIGHT: usize = 64;
-/// Postback attempts in flight at once to one receiver.
-const POSTBACKS_PER_HOST: usize = 4;
 
 /// `dispatcher agent`.
 pub async fn agent(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
