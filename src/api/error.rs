@@ -113,6 +113,11 @@ impl From<StoreError> for ApiError {
                     ),
                 )
             }
+            StoreError::Closed => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "serviceNotAvailable",
+                "the service is stopping; retry against another instance or after it restarts",
+            ),
             other => Self::internal("database operation failed", &other),
         }
     }

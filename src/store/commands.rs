@@ -535,44 +535,72 @@ pub(super) async fn insert_command_rows(
     tx: &mut Transaction<'_, Any>,
     command: &Command,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO commands (id, device_id, owner, status, command_type, app_service_name, \
-         package_family_name, error, payload, response_payload, permission_ticket, postback_uri, \
-         created_at, last_action_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, NULL, $9, $10, $11, $11, $12)",
-    )
-    .bind(command.id.to_string())
-    .bind(command.device_id.as_str())
-    .bind(&command.owner)
-    .bind(command.status.as_str())
-    .bind(command.command_type.as_str())
-    .bind(&command.app_service_name)
-    .bind(&command.package_family_name)
-    .bind(&command.payload)
-    .bind(&command.permission_ticket)
-    .bind(&command.postback_uri)
-    .bind(command.created_at.0)
-    .bind(command.expires_at.map(|m| m.0))
-    .execute(&mut **tx)
-    .await?;
-    insert_transition(
-        tx,
-        command.id,
-        CommandStatus::Queued,
-        command.created_at,
-        "api",
-        None,
-    )
-    .await?;
-    sqlx::query("INSERT INTO outbox (command_id, device_id, available_at) VALUES ($1, $2, $3)")
-        .bind(command.id.to_string())
-        .bind(command.device_id.as_str())
-        .bind(command.created_at.0)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    insert_commands_rows(tx, std::slice::from_ref(command)).await
 }
 
+/// Inserts new `queued` commands, their first transitions and their outbox
+/// rows, three statements for every [`super::MAX_ROWS_PER_STATEMENT`]
+/// commands. The outbox rows follow the order of `commands`.
+pub(super) async fn insert_commands_rows(
+    tx: &mut Transaction<'_, Any>,
+    commands: &[Command],
+) -> Result<(), StoreError> {
+    for chunk in commands.chunks(super::MAX_ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO commands (id, device_id, owner, status, command_type, app_service_name, \
+             package_family_name, payload, permission_ticket, postback_uri, created_at, \
+             last_action_at, expires_at) VALUES {}",
+            super::placeholders(1, chunk.len(), 13)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for command in chunk {
+            query = query
+                .bind(command.id.to_string())
+                .bind(command.device_id.as_str().to_owned())
+                .bind(command.owner.clone())
+                .bind(command.status.as_str())
+                .bind(command.command_type.as_str())
+                .bind(command.app_service_name.clone())
+                .bind(command.package_family_name.clone())
+                .bind(command.payload.clone())
+                .bind(command.permission_ticket.clone())
+                .bind(command.postback_uri.clone())
+                .bind(command.created_at.0)
+                .bind(command.last_action_at.0)
+                .bind(command.expires_at.map(|m| m.0));
+        }
+        query.execute(&mut **tx).await?;
+
+        let sql = format!(
+            "INSERT INTO command_transitions (command_id, status, at, source, error) VALUES {}",
+            super::placeholders(1, chunk.len(), 5)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for command in chunk {
+            query = query
+                .bind(command.id.to_string())
+                .bind(CommandStatus::Queued.as_str())
+                .bind(command.created_at.0)
+                .bind("api")
+                .bind(None::<String>);
+        }
+        query.execute(&mut **tx).await?;
+
+        let sql = format!(
+            "INSERT INTO outbox (command_id, device_id, available_at) VALUES {}",
+            super::placeholders(1, chunk.len(), 3)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for command in chunk {
+            query = query
+                .bind(command.id.to_string())
+                .bind(command.device_id.as_str().to_owned())
+                .bind(command.created_at.0);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,9 +2,12 @@
 //! create transaction: the `Idempotency-Key` record and the per-device limit
 //! on unfinished commands.
 
-use sqlx::{Any, Row, Transaction};
+use std::collections::HashMap;
 
-use super::commands::{insert_command_rows, new_queued_command};
+use sqlx::{Any, Row, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::commands::{insert_command_rows, insert_commands_rows, new_queued_command};
 use super::{Backend, Store, StoreError};
 use crate::command::{Command, Millis, NewCommand};
 use crate::domain::DeviceId;
@@ -58,6 +61,11 @@ impl Store {
         new: NewCommand,
         options: &CreateOptions,
     ) -> Result<Created, StoreError> {
+        if let Some(queue) = &self.creates
+            && options.idempotency.is_none()
+        {
+            return queue.create(new, options.max_unfinished_per_device).await;
+        }
         match self.try_create(&new, options).await {
             Err(StoreError::Database(error)) if is_unique_violation(&error) => {
                 // Another request stored the same key between this request's
@@ -202,6 +210,228 @@ async fn lookup_key(
     }
 }
 
+/// Most creates stored in one transaction.
+const MAX_CREATE_BATCH: usize = 256;
+
+/// A create waiting for the create task.
+struct PendingCreate {
+    new: NewCommand,
+    limit: u32,
+    reply: oneshot::Sender<Result<Created, StoreError>>,
+}
+
+/// The queue of creates without an idempotency key, on SQLite. Each create
+/// costs the single writer connection a transaction of five statements; the
+/// creates that wait together share one, which keeps the writer free for the
+/// relay, the report worker and the postback sender under load. A create that
+/// finds the queue empty is stored at once, so it waits no longer than it
+/// would without the queue.
+#[derive(Clone, Debug)]
+pub(super) struct CreateQueue {
+    sender: mpsc::UnboundedSender<PendingCreate>,
+}
+
+impl CreateQueue {
+    /// Starts the task that stores queued creates through `store`, a store
+    /// without a create queue. The task ends when every clone of the queue
+    /// is dropped.
+    pub(super) fn start(store: Store) -> Self {
+        let (sender, mut pending) = mpsc::unbounded_channel::<PendingCreate>();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(MAX_CREATE_BATCH);
+            while pending.recv_many(&mut batch, MAX_CREATE_BATCH).await > 0 {
+                store.create_batch(std::mem::take(&mut batch)).await;
+            }
+        });
+        Self { sender }
+    }
+
+    async fn create(&self, new: NewCommand, limit: u32) -> Result<Created, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.sender
+            .send(PendingCreate { new, limit, reply })
+            .map_err(|_| StoreError::Closed)?;
+        outcome.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Store {
+    /// Stores a batch of creates in one transaction and answers each. If
+    /// the transaction fails, each create is tried alone, so that one create
+    /// the store refuses does not fail the others.
+    async fn create_batch(&self, batch: Vec<PendingCreate>) {
+        let requests: Vec<(&NewCommand, u32)> = batch.iter().map(|p| (&p.new, p.limit)).collect();
+        match self.try_create_batch(&requests).await {
+            Ok(outcomes) => {
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    // The caller may have gone (its request was dropped);
+                    // the command stays stored, as a create would.
+                    let _ = pending.reply.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                if batch.len() > 1 {
+                    tracing::warn!(count = batch.len(), %error, "cannot store a batch of creates; storing them one at a time");
+                }
+                for pending in batch {
+                    let options = CreateOptions {
+                        max_unfinished_per_device: pending.limit,
+                        idempotency: None,
+                    };
+                    let outcome = self.try_create(&pending.new, &options).await;
+                    let _ = pending.reply.send(outcome);
+                }
+            }
+        }
+    }
+
+    /// The unfinished-command limit applies in the order of `requests`,
+    /// counting the commands that earlier requests of the batch add.
+    async fn try_create_batch(
+        &self,
+        requests: &[(&NewCommand, u32)],
+    ) -> Result<Vec<Created>, StoreError> {
+        let now = Millis::now();
+        let mut devices: Vec<&str> = requests
+            .iter()
+            .map(|(new, _)| new.device_id.as_str())
+            .collect();
+        devices.sort_unstable();
+        devices.dedup();
+        let mut tx = self.writer.begin().await.map_err(|e| self.error(e))?;
+        let mut unfinished: HashMap<String, i64> = HashMap::with_capacity(devices.len());
+        for chunk in devices.chunks(super::MAX_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT device_id, COUNT(*) AS n FROM commands WHERE device_id IN ({}) \
+                 AND status IN ('queued', 'sentToTarget', 'executing') GROUP BY device_id",
+                super::placeholders(1, chunk.len(), 1)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for device in chunk {
+                query = query.bind(device.to_string());
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                unfinished.insert(row.try_get("device_id")?, row.try_get("n")?);
+            }
+        }
+
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut commands = Vec::with_capacity(requests.len());
+        for (new, limit) in requests {
+            let count = unfinished
+                .entry(new.device_id.as_str().to_owned())
+                .or_default();
+            if *count >= i64::from(*limit) {
+                outcomes.push(Created::DeviceFull {
+                    device: new.device_id.clone(),
+                    limit: *limit,
+                });
+                continue;
+            }
+            *count += 1;
+            let command = new_queued_command((*new).clone(), now);
+            outcomes.push(Created::New(Box::new(command.clone())));
+            commands.push(command);
+        }
+        if !commands.is_empty() {
+            insert_commands_rows(&mut tx, &commands).await?;
+            self.notify_outbox(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(database) if database.is_unique_violation())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::CommandType;
+    use crate::store::PoolSettings;
+
+    fn new_command(device: &str, payload: usize) -> NewCommand {
+        NewCommand {
+            device_id: DeviceId::parse(device).unwrap(),
+            owner: "owner".into(),
+            command_type: CommandType::AppService,
+            app_service_name: Some("echo".into()),
+            package_family_name: None,
+            payload: Some(payload.to_string()),
+            permission_ticket: None,
+            postback_uri: None,
+            expires_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_creates_keep_the_device_limit_and_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("store.db").display()
+        );
+        let store = Store::connect(&url, &PoolSettings::default())
+            .await
+            .unwrap();
+        let options = CreateOptions {
+            max_unfinished_per_device: 5,
+            idempotency: None,
+        };
+        // Sent together, so that most of them wait in the queue and share
+        // transactions.
+        let creates = (0..20).map(|n| {
+            let (store, options) = (store.clone(), options.clone());
+            let device = if n % 2 == 0 { "even" } else { "odd" };
+            tokio::spawn(
+                async move { store.create_command(new_command(device, n), &options).await },
+            )
+        });
+        let mut stored = Vec::new();
+        let mut full = 0;
+        for create in creates {
+            match create.await.unwrap().unwrap() {
+                Created::New(command) => stored.push(*command),
+                Created::DeviceFull { limit, .. } => {
+                    assert_eq!(limit, 5);
+                    full += 1;
+                }
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        }
+        assert_eq!((stored.len(), full), (10, 10));
+        for device in ["even", "odd"] {
+            let count = stored
+                .iter()
+                .filter(|c| c.device_id.as_str() == device)
+                .count();
+            assert_eq!(count, 5, "{device}");
+        }
+        // The outbox holds every stored command once, in the order the
+        // store took them, which per device is the order of their ids.
+        let outbox = store.due_outbox(Millis::now(), 100).await.unwrap();
+        assert_eq!(outbox.len(), 10);
+        for device in ["even", "odd"] {
+            let ids: Vec<_> = outbox
+                .iter()
+                .filter(|item| item.command.device_id.as_str() == device)
+                .map(|item| item.command.id)
+                .collect();
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            assert_eq!(ids, sorted, "{device}");
+        }
+        for command in &stored {
+            let statuses: Vec<String> = store
+                .transitions(command.id)
+                .await
+                .unwrap()
+                .iter()
+                .map(|t| t.status.to_string())
+                .collect();
+            assert_eq!(statuses, ["queued"]);
+        }
+    }
 }

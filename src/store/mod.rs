@@ -61,6 +61,9 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("stored row is invalid: {0}")]
     Corrupt(String),
+    /// The store was closed while the request waited.
+    #[error("the store is closed")]
+    Closed,
 }
 
 /// Pool sizes and timeouts.
@@ -94,6 +97,10 @@ pub struct Store {
     /// Kept for connections outside the pools: the relay's leadership lock
     /// and its `LISTEN` connection on PostgreSQL.
     url: Arc<str>,
+    /// On SQLite, where one connection takes every write, creates without
+    /// an idempotency key go to a task that stores the creates waiting
+    /// together in one transaction.
+    creates: Option<create::CreateQueue>,
 }
 
 impl Store {
@@ -120,12 +127,17 @@ impl Store {
             Backend::Sqlite => {
                 let writer = sqlite_pool(url, 1, settings.acquire_timeout)?;
                 let reader = sqlite_pool(url, settings.max_connections, settings.acquire_timeout)?;
-                Self {
+                let store = Self {
                     backend,
                     writer,
                     reader,
                     acquire_timeout: settings.acquire_timeout,
                     url: url.into(),
+                    creates: None,
+                };
+                Self {
+                    creates: Some(create::CreateQueue::start(store.clone())),
+                    ..store
                 }
             }
             Backend::Postgres => {
@@ -139,6 +151,7 @@ impl Store {
                     reader: pool,
                     acquire_timeout: settings.acquire_timeout,
                     url: url.into(),
+                    creates: None,
                 }
             }
         };
@@ -242,7 +255,7 @@ fn command_from_row(row: &AnyRow) -> Result<Command, StoreError> {
     })
 }
 
-/// Most rows one multi-row statement names. With at most 9 values a row it
+/// Most rows one multi-row statement names. With at most 13 values a row it
 /// stays well below the bound parameters SQLite (32,766) and PostgreSQL
 /// (65,535) allow.
 const MAX_ROWS_PER_STATEMENT: usize = 500;
