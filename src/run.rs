@@ -19,7 +19,7 @@ use crate::net::address::AllowedNetworks;
 use crate::postback::client::{ClientConfig, PostbackClient};
 use crate::postback::schedule::RetrySchedule;
 use crate::postback::signature::{WebhookSecrets, generate_secret};
-use crate::server::{SenderSettings, ServerContext, Service};
+use crate::server::{Handoff, SenderSettings, ServerContext, Service};
 use crate::store::{PoolSettings, Store};
 
 /// `dispatcher serve`.
@@ -72,6 +72,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         broker: broker.clone(),
         postback_wake: state.postback_wake.clone(),
         postback_every_transition: args.postback_every_transition,
+        postback_handoff: Handoff::new(args.postback_timeout),
     });
     let postbacks = postback_sender(&args, &state.allowed_networks)?;
     let mut workers = Service::server_workers(&context, &state, postbacks, &shutdown);

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use postbacks::SenderSettings;
+pub use postbacks::{Handoff, SenderSettings};
 
 use crate::api::{self, AppState};
 use crate::broker::Broker;
@@ -33,6 +33,8 @@ pub struct ServerContext {
     pub postback_wake: Arc<Notify>,
     /// Post back on every status change, not only the final one.
     pub postback_every_transition: bool,
+    /// Deliveries the report worker creates leased to the postback sender.
+    pub postback_handoff: Handoff,
 }
 
 impl ServerContext {

@@ -26,6 +26,51 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Time past an attempt's deadline for recording its outcome.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
+/// Deliveries that the report worker creates already leased to this
+/// process and hands straight to the sender, which then needs neither to
+/// read nor to lease them. The sender starts each at once when its receiver
+/// has a free slot; otherwise it ends the lease so that the next pass over
+/// the store picks the delivery up.
+pub struct Handoff {
+    sender: mpsc::UnboundedSender<(DuePostback, String)>,
+    receiver: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(DuePostback, String)>>>,
+    lease: Duration,
+}
+
+impl Handoff {
+    /// A handoff whose leases cover one attempt of `attempt_timeout` and
+    /// the recording of its outcome.
+    pub fn new(attempt_timeout: Duration) -> Self {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        Self {
+            sender,
+            receiver: std::sync::Mutex::new(Some(receiver)),
+            lease: attempt_timeout + LEASE_MARGIN,
+        }
+    }
+
+    /// The end of a lease taken now.
+    pub fn lease_until(&self, now: Millis) -> Millis {
+        now.saturating_add(self.lease)
+    }
+
+    /// Hands leased deliveries and their bodies to the sender.
+    pub fn hand(&self, postbacks: Vec<(DuePostback, String)>) {
+        for postback in postbacks {
+            // Without a running sender the lease ends and the delivery is
+            // sent from the store.
+            let _ = self.sender.send(postback);
+        }
+    }
+
+    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<(DuePostback, String)>> {
+        self.receiver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
 pub struct SenderSettings {
     pub secrets: WebhookSecrets,
     pub schedule: RetrySchedule,
@@ -56,6 +101,10 @@ pub async fn run(
     // outcomes that wait together in one transaction.
     let (finished_sender, finished) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record(context.clone(), finished));
+    let Some(mut handed) = context.postback_handoff.take_receiver() else {
+        tracing::error!("a second postback sender started for one server; it stops");
+        return;
+    };
     loop {
         let woken = wake.notified();
         tokio::pin!(woken);
@@ -63,6 +112,22 @@ pub async fn run(
 
         while let Ok(host) = freed.try_recv() {
             release(&mut per_host, &host);
+        }
+        let mut arrived = Vec::new();
+        while let Ok(postback) = handed.try_recv() {
+            arrived.push(postback);
+        }
+        if !arrived.is_empty() {
+            start_handed(
+                &context,
+                &client,
+                &settings,
+                &mut tasks,
+                &mut per_host,
+                (&freed_sender, &finished_sender),
+                arrived,
+            )
+            .await;
         }
         if tasks.len() < settings.max_in_flight {
             start_due(
@@ -81,12 +146,33 @@ pub async fn run(
             () = &mut woken => {}
             () = tokio::time::sleep(IDLE_POLL) => {}
             Some(host) = freed.recv() => release(&mut per_host, &host),
+            Some(postback) = handed.recv() => {
+                start_handed(
+                    &context,
+                    &client,
+                    &settings,
+                    &mut tasks,
+                    &mut per_host,
+                    (&freed_sender, &finished_sender),
+                    vec![postback],
+                )
+                .await;
+            }
             Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(error) = finished {
                     tracing::error!(%error, "postback task failed");
                 }
             }
         }
+    }
+    // Deliveries handed over but not started are left to the next sender.
+    handed.close();
+    let mut unstarted = Vec::new();
+    while let Ok((postback, _)) = handed.try_recv() {
+        unstarted.push(postback.id);
+    }
+    if let Err(error) = context.store.release_postback_leases(&unstarted).await {
+        tracing::warn!(count = unstarted.len(), %error, "cannot end the leases of unsent postbacks; they are sent when the leases end");
     }
     // Attempts in flight end within their deadline; let them record their
     // outcome so that nothing is left leased and unrecorded.
@@ -100,6 +186,73 @@ pub async fn run(
         tracing::error!(%error, "postback recorder failed");
     }
     tracing::info!("postback sender stopped");
+}
+
+/// Starts the handed deliveries whose receivers have a free slot, and ends
+/// the leases of the others so that a pass over the store picks them up.
+async fn start_handed(
+    context: &Arc<ServerContext>,
+    client: &PostbackClient,
+    settings: &Arc<SenderSettings>,
+    tasks: &mut JoinSet<()>,
+    per_host: &mut HashMap<String, usize>,
+    channels: Channels<'_>,
+    arrived: Vec<(DuePostback, String)>,
+) {
+    let mut deferred = Vec::new();
+    for (postback, body) in arrived {
+        let host = host_key(&postback.url);
+        let slots = per_host.entry(host.clone()).or_default();
+        if tasks.len() >= settings.max_in_flight || *slots >= settings.max_in_flight_per_host {
+            if *slots == 0 {
+                per_host.remove(&host);
+            }
+            deferred.push(postback.id);
+            continue;
+        }
+        *slots += 1;
+        spawn_attempt((client, settings), tasks, channels, (postback, body, host));
+    }
+    if !deferred.is_empty() {
+        if let Err(error) = context.store.release_postback_leases(&deferred).await {
+            tracing::warn!(count = deferred.len(), %error, "cannot end the leases of deferred postbacks; they are sent when the leases end");
+        }
+        context.postback_wake.notify_one();
+    }
+}
+
+/// Where attempts hand back their receiver's slot and send their outcome.
+type Channels<'a> = (
+    &'a mpsc::UnboundedSender<String>,
+    &'a mpsc::UnboundedSender<FinishedAttempt>,
+);
+
+/// Starts one attempt of a leased delivery in a slot of its receiver,
+/// which the caller has counted.
+fn spawn_attempt(
+    (client, settings): (&PostbackClient, &Arc<SenderSettings>),
+    tasks: &mut JoinSet<()>,
+    (freed, finished): Channels<'_>,
+    (postback, body, host): (DuePostback, String, String),
+) {
+    let slot = Slot {
+        host,
+        freed: freed.clone(),
+    };
+    let (client, settings, finished) = (client.clone(), settings.clone(), finished.clone());
+    tasks.spawn(async move {
+        // A panicking attempt still hands its receiver's slot back; its
+        // lease runs out and another attempt follows.
+        let id = postback.id;
+        let attempt = AssertUnwindSafe(async {
+            let outcome = deliver(&client, &settings, postback, body, slot).await;
+            // The recorder runs until the sender stops, after this task.
+            let _ = finished.send(outcome);
+        });
+        if attempt.catch_unwind().await.is_err() {
+            tracing::error!(postback_id = %id, "postback attempt panicked; it will be retried when its lease ends");
+        }
+    });
 }
 
 /// Most attempt outcomes stored in one transaction.
@@ -209,24 +362,12 @@ async fn start_due(
                 release(per_host, &host);
                 continue;
             };
-            let slot = Slot {
-                host,
-                freed: freed.clone(),
-            };
-            let (client, settings, finished) = (client.clone(), settings.clone(), finished.clone());
-            tasks.spawn(async move {
-                // A panicking attempt still hands its receiver's slot back;
-                // its lease runs out and another attempt follows.
-                let id = postback.id;
-                let attempt = AssertUnwindSafe(async {
-                    let outcome = deliver(&client, &settings, postback, body, slot).await;
-                    // The recorder runs until the sender stops, after this task.
-                    let _ = finished.send(outcome);
-                });
-                if attempt.catch_unwind().await.is_err() {
-                    tracing::error!(postback_id = %id, "postback attempt panicked; it will be retried when its lease ends");
-                }
-            });
+            spawn_attempt(
+                (client, settings),
+                tasks,
+                (freed, finished),
+                (postback, body, host),
+            );
         }
         if tasks.len() >= settings.max_in_flight {
             return;

@@ -95,16 +95,24 @@ async fn handle(context: &ServerContext, deliveries: Vec<Delivery>) {
 /// change is tried alone, so that one change the store cannot take does not
 /// hold back the others.
 async fn store(context: &ServerContext, changes: &[StatusChange]) -> Vec<bool> {
+    let lease_until = context.postback_handoff.lease_until(Millis::now());
     let batch = context
         .store
-        .apply_statuses(changes, |status| context.posts_back(status))
+        .apply_statuses_leased(
+            changes,
+            |status| context.posts_back(status),
+            Some(lease_until),
+        )
         .await;
     match batch {
-        Ok(outcomes) => changes
-            .iter()
-            .zip(outcomes)
-            .map(|(change, outcome)| log_applied(context, change, Ok(outcome)))
-            .collect(),
+        Ok((outcomes, postbacks)) => {
+            context.postback_handoff.hand(postbacks);
+            changes
+                .iter()
+                .zip(outcomes)
+                .map(|(change, outcome)| log_applied(context, change, Ok(outcome)))
+                .collect()
+        }
         Err(error) if changes.len() > 1 => {
             tracing::warn!(
                 count = changes.len(),

@@ -3,7 +3,7 @@ use std::collections::HashMap;
 use sqlx::{Any, Row, Transaction};
 use uuid::Uuid;
 
-use super::{Backend, Store, StoreError, command_from_row, parse_status};
+use super::{Backend, DuePostback, Store, StoreError, command_from_row, parse_status};
 use crate::command::{Command, Millis, NewCommand};
 use crate::domain::{CommandStatus, DeviceId};
 
@@ -106,8 +106,24 @@ impl Store {
         changes: &[StatusChange],
         notify: impl Fn(CommandStatus) -> bool,
     ) -> Result<Vec<Applied>, StoreError> {
+        let (outcomes, _) = self.apply_statuses_leased(changes, notify, None).await?;
+        Ok(outcomes)
+    }
+
+    /// Applies changes like [`Store::apply_statuses`] and, when
+    /// `lease_until` is set, creates their postback deliveries already
+    /// leased until then and returns them with their bodies, so that this
+    /// process can send them without reading them back. A delivery this
+    /// process does not send in time is sent by any sender once the lease
+    /// ends.
+    pub async fn apply_statuses_leased(
+        &self,
+        changes: &[StatusChange],
+        notify: impl Fn(CommandStatus) -> bool,
+        lease_until: Option<Millis>,
+    ) -> Result<(Vec<Applied>, Vec<(DuePostback, String)>), StoreError> {
         if changes.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut ids: Vec<Uuid> = changes.iter().map(|change| change.command_id).collect();
         ids.sort_unstable();
@@ -148,11 +164,13 @@ impl Store {
                 && notify(change.status)
             {
                 postbacks.push(NewPostback {
+                    id: Uuid::now_v7(),
                     command_id: command.id,
                     url: url.clone(),
                     body: command.to_json(None),
                     sequence: *count,
                     at: change.at,
+                    lease_until,
                 });
             }
             outcomes.push(Applied::Moved(Box::new(command.clone())));
@@ -178,7 +196,23 @@ impl Store {
             insert_postbacks(&mut tx, &postbacks).await?;
         }
         tx.commit().await?;
-        Ok(outcomes)
+        let leased = match lease_until {
+            Some(_) => postbacks
+                .into_iter()
+                .map(|postback| {
+                    let due = DuePostback {
+                        id: postback.id,
+                        command_id: postback.command_id,
+                        url: postback.url,
+                        sequence: postback.sequence,
+                        attempts: 0,
+                    };
+                    (due, postback.body)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok((outcomes, leased))
     }
 
     /// Reads the commands with `ids` inside `tx`, locking their rows in id
@@ -394,11 +428,13 @@ fn move_in_memory(command: &mut Command, change: &StatusChange) {
 
 /// A postback delivery to create for a transition.
 struct NewPostback {
+    id: Uuid,
     command_id: Uuid,
     url: String,
     body: String,
     sequence: i64,
     at: Millis,
+    lease_until: Option<Millis>,
 }
 
 /// Writes the status, `Error`, `ResponsePayload` and time of each command.
@@ -486,13 +522,13 @@ async fn insert_postbacks(
     for chunk in postbacks.chunks(super::MAX_ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO postbacks (id, command_id, url, body, sequence, state, attempts, \
-             next_attempt_at, created_at) VALUES {}",
-            super::placeholders(1, chunk.len(), 9)
+             next_attempt_at, created_at, lease_until) VALUES {}",
+            super::placeholders(1, chunk.len(), 10)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for postback in chunk {
             query = query
-                .bind(Uuid::now_v7().to_string())
+                .bind(postback.id.to_string())
                 .bind(postback.command_id.to_string())
                 .bind(postback.url.clone())
                 .bind(postback.body.clone())
@@ -500,7 +536,8 @@ async fn insert_postbacks(
                 .bind(super::PENDING)
                 .bind(0_i64)
                 .bind(postback.at.0)
-                .bind(postback.at.0);
+                .bind(postback.at.0)
+                .bind(postback.lease_until.map(|m| m.0));
         }
         query.execute(&mut **tx).await?;
     }

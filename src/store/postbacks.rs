@@ -167,6 +167,26 @@ impl Store {
             .collect()
     }
 
+    /// Ends this process's leases of deliveries it will not send now, so
+    /// that any sender may take them at once instead of when the leases end.
+    pub async fn release_postback_leases(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        for chunk in ids.chunks(super::MAX_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "UPDATE postbacks SET lease_until = NULL WHERE state = 'pending' AND id IN ({})",
+                super::placeholders(1, chunk.len(), 1)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            query
+                .execute(&self.writer)
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
     /// Records the attempts and their deliveries' new states, in one
     /// transaction of two statements, and ends their leases.
     pub async fn record_postback_attempts(
