@@ -25,6 +25,11 @@ use crate::domain::{CommandStatus, DeviceId};
 use crate::postback::client::PostbackClient;
 use crate::store::{Applied, StatusChange, Store, StoreError};
 
+/// How long the workers get to finish their current step at a stop.
+const WORKER_STOP_BOUND: Duration = Duration::from_secs(20);
+/// How long closing the broker connection or the database pools may take.
+const CLOSE_BOUND: Duration = Duration::from_secs(5);
+
 /// What the server-side workers share.
 pub struct ServerContext {
     pub store: Store,
@@ -51,16 +56,19 @@ pub async fn apply_and_log(context: &ServerContext, change: &StatusChange) -> bo
         .store
         .apply_status(change, |status| context.posts_back(status))
         .await;
-    log_applied(context, change, applied)
+    if let Ok(Applied::Moved(command)) = &applied
+        && command.postback_uri.is_some()
+        && context.posts_back(command.status)
+    {
+        // The delivery waits in the store for the sender's next pass.
+        context.postback_wake.notify_one();
+    }
+    log_applied(change, applied)
 }
 
-/// Logs the outcome of a status change and wakes the postback sender when
-/// the change created a delivery. Returns false only when the store failed.
-pub fn log_applied(
-    context: &ServerContext,
-    change: &StatusChange,
-    applied: Result<Applied, StoreError>,
-) -> bool {
+/// Logs the outcome of a status change. Returns false only when the store
+/// failed.
+pub fn log_applied(change: &StatusChange, applied: Result<Applied, StoreError>) -> bool {
     match applied {
         Ok(Applied::Moved(command)) => {
             tracing::info!(
@@ -70,9 +78,6 @@ pub fn log_applied(
                 source = %change.source,
                 "command status changed"
             );
-            if command.postback_uri.is_some() && context.posts_back(command.status) {
-                context.postback_wake.notify_one();
-            }
             true
         }
         Ok(Applied::Ignored { current }) => {
@@ -165,18 +170,33 @@ impl Service {
             .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
             .await;
         shutdown.cancel();
-        // Workers finish their current step; a generous bound keeps a stuck
-        // one from blocking the exit forever.
-        if tokio::time::timeout(Duration::from_secs(30), async {
+        // Workers finish their current step, which takes at most one
+        // postback attempt's deadline; a bound keeps a stuck one (a publish
+        // waiting for an overloaded broker's confirm) from blocking the exit.
+        if tokio::time::timeout(WORKER_STOP_BOUND, async {
             while tasks.join_next().await.is_some() {}
         })
         .await
         .is_err()
         {
-            tracing::warn!("workers did not stop within 30 s; exiting anyway");
+            tracing::warn!(bound = ?WORKER_STOP_BOUND, "workers did not stop in time; exiting anyway");
         }
-        self.state.broker.close().await;
-        self.state.store.close().await;
+        // A worker stopped mid-step may hold the broker connection; the
+        // work it did not finish is redone after the restart.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        if tokio::time::timeout(CLOSE_BOUND, self.state.broker.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(bound = ?CLOSE_BOUND, "the broker did not confirm the close in time");
+        }
+        if tokio::time::timeout(CLOSE_BOUND, self.state.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(bound = ?CLOSE_BOUND, "the database connections did not close in time");
+        }
         tracing::info!("dispatcher stopped");
         served.map_err(Into::into)
     }

@@ -105,13 +105,17 @@ pub async fn run(
         tracing::error!("a second postback sender started for one server; it stops");
         return;
     };
+    // Whether the store may hold deliveries this sender can start: set when
+    // something wakes it, when the idle poll comes, and when a receiver that
+    // had no free slot (and so was left out of the last pass) frees one.
+    let mut scan = true;
     loop {
         let woken = wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
 
         while let Ok(host) = freed.try_recv() {
-            release(&mut per_host, &host);
+            scan |= release(&mut per_host, &host, settings.max_in_flight_per_host);
         }
         let mut arrived = Vec::new();
         while let Ok(postback) = handed.try_recv() {
@@ -129,7 +133,8 @@ pub async fn run(
             )
             .await;
         }
-        if tasks.len() < settings.max_in_flight {
+        if scan && tasks.len() < settings.max_in_flight {
+            scan = false;
             start_due(
                 &context,
                 &client,
@@ -141,11 +146,14 @@ pub async fn run(
             )
             .await;
         }
+        let full = tasks.len() >= settings.max_in_flight;
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = &mut woken => {}
-            () = tokio::time::sleep(IDLE_POLL) => {}
-            Some(host) = freed.recv() => release(&mut per_host, &host),
+            () = &mut woken => scan = true,
+            () = tokio::time::sleep(IDLE_POLL) => scan = true,
+            Some(host) = freed.recv() => {
+                scan |= release(&mut per_host, &host, settings.max_in_flight_per_host);
+            }
             Some(postback) = handed.recv() => {
                 start_handed(
                     &context,
@@ -162,6 +170,8 @@ pub async fn run(
                 if let Err(error) = finished {
                     tracing::error!(%error, "postback task failed");
                 }
+                // A full sender left the store alone in its last pass.
+                scan |= full;
             }
         }
     }
@@ -276,13 +286,19 @@ async fn record(
     }
 }
 
-fn release(per_host: &mut HashMap<String, usize>, host: &str) {
-    if let Some(count) = per_host.get_mut(host) {
-        *count -= 1;
-        if *count == 0 {
-            per_host.remove(host);
-        }
+/// Hands a slot of `host` back. Returns whether the receiver had no free
+/// slot before, which means the store may hold deliveries for it that the
+/// last pass left out.
+fn release(per_host: &mut HashMap<String, usize>, host: &str, max_per_host: usize) -> bool {
+    let Some(count) = per_host.get_mut(host) else {
+        return false;
+    };
+    let was_full = *count >= max_per_host;
+    *count -= 1;
+    if *count == 0 {
+        per_host.remove(host);
     }
+    was_full
 }
 
 /// A receiver's slot, held by one attempt while it talks to the receiver.
@@ -359,7 +375,7 @@ async fn start_due(
         for (postback, host) in chosen {
             let Some(body) = bodies.remove(&postback.id) else {
                 // Another sender took it, or the lease failed: hand the slot back.
-                release(per_host, &host);
+                release(per_host, &host, settings.max_in_flight_per_host);
                 continue;
             };
             spawn_attempt(

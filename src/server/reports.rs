@@ -110,7 +110,7 @@ async fn store(context: &ServerContext, changes: &[StatusChange]) -> Vec<bool> {
             changes
                 .iter()
                 .zip(outcomes)
-                .map(|(change, outcome)| log_applied(context, change, Ok(outcome)))
+                .map(|(change, outcome)| log_applied(change, Ok(outcome)))
                 .collect()
         }
         Err(error) if changes.len() > 1 => {
@@ -125,7 +125,7 @@ async fn store(context: &ServerContext, changes: &[StatusChange]) -> Vec<bool> {
             }
             stored
         }
-        Err(error) => vec![log_applied(context, &changes[0], Err(error))],
+        Err(error) => vec![log_applied(&changes[0], Err(error))],
     }
 }
 
