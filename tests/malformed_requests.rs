@@ -145,6 +145,16 @@ fn cases() -> Vec<Case> {
             echo_with("PostBackUrl", r#""https://example.com/""#),
             "did you mean PostBackUri",
         ),
+        bad_body(
+            "key with @ that is no annotation",
+            echo_with("notify@example.com", r#""x""#),
+            "\"notify@example.com\" is not a command property",
+        ),
+        bad_body(
+            "annotation of an unknown property",
+            echo_with("PostBackUrl@odata.type", r#""x""#),
+            "\"PostBackUrl@odata.type\" is not a command property",
+        ),
         bad_body("Type is a number", r#"{"Type":1}"#, "Type must be a string"),
         bad_body("Type is unknown", r#"{"Type":"Reboot"}"#, "Reboot"),
         bad_body(
