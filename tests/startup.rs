@@ -1,0 +1,137 @@
+//! Startup of the real binary: settings that can never work stop `serve`
+//! and `agent` at once with a message, and a broker that cannot be reached
+//! yet is retried with a warning per attempt.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use common::wait_until;
+use tokio::net::TcpListener;
+use tokio::process::Command;
+
+/// How long a process that must stop at once may take, which includes the
+/// start of a debug build.
+const EXIT_WITHIN: Duration = Duration::from_secs(20);
+
+/// Returns the `dispatcher` command with a data directory and without any
+/// `DISPATCHER_` variable of the environment the tests run in.
+fn dispatcher(data_dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dispatcher"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("DISPATCHER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .env("DISPATCHER_DATA_DIR", data_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs `command` and returns its output, or panics when it is still
+/// running after [`EXIT_WITHIN`].
+async fn output_within_deadline(command: &mut Command, case: &str) -> Output {
+    tokio::time::timeout(EXIT_WITHIN, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{case}: still running after {EXIT_WITHIN:?}"))
+        .expect("dispatcher runs")
+}
+
+#[tokio::test]
+async fn invalid_amqp_url_stops_start() {
+    let cases = [
+        (
+            "http://127.0.0.1:5672/%2f",
+            "the URL has the scheme \"http\"",
+        ),
+        (
+            "amqp://user:s3cret@127.0.0.1:99999/%2f",
+            "the URL is not a valid URL: invalid port number",
+        ),
+        (
+            "amqp://127.0.0.1:5672/,,amqp://127.0.0.1:5673/",
+            "node 2 of 3 is empty",
+        ),
+        ("amqp://127.0.0.1:5672/,", "node 2 of 2 is empty"),
+    ];
+    for (url, reason) in cases {
+        for subcommand in ["serve", "agent"] {
+            let case = format!("{subcommand} --amqp-url {url}");
+            let data_dir = tempfile::tempdir().expect("temp dir");
+            let mut command = dispatcher(data_dir.path());
+            command.arg(subcommand).args(["--amqp-url", url]);
+            if subcommand == "serve" {
+                command.args(["--listen", "127.0.0.1:0"]);
+            } else {
+                command.args(["--device", "kiosk-1"]);
+            }
+
+            let output = output_within_deadline(&mut command, &case).await;
+
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                !output.status.success(),
+                "{case}: exit status {}",
+                output.status
+            );
+            let expected =
+                format!("dispatcher: invalid --amqp-url (DISPATCHER_AMQP_URL): {reason}");
+            assert!(stderr.contains(&expected), "{case}: stderr {stderr}");
+            assert!(!stderr.contains("s3cret"), "{case}: stderr {stderr}");
+            assert!(output.stdout.is_empty(), "{case}: printed on stdout");
+            let created: Vec<_> = std::fs::read_dir(data_dir.path())
+                .expect("read the data directory")
+                .collect();
+            assert!(created.is_empty(), "{case}: created {created:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn unreachable_broker_is_retried_with_warnings() {
+    // A server that accepts connections and closes them at once, so that
+    // every AMQP handshake fails.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("local address");
+    let closer = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            drop(stream);
+        }
+    });
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let log_path = data_dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut agent = dispatcher(data_dir.path())
+        .args(["agent", "--device", "kiosk-1"])
+        .args(["--amqp-url", &format!("amqp://guest:guest@{address}/%2f")])
+        .stderr(log)
+        .spawn()
+        .expect("spawn dispatcher agent");
+
+    let expected = format!("cannot connect to {address}");
+    let warnings = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("WARN") && line.contains(&expected))
+            .count()
+    };
+    let retried = wait_until(EXIT_WITHIN, || async { warnings() >= 3 }).await;
+
+    let still_running = agent.try_wait().expect("poll the agent").is_none();
+    agent.kill().await.expect("kill the agent");
+    closer.abort();
+    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        retried,
+        "{} warnings naming {address} within {EXIT_WITHIN:?}; log:\n{log_text}",
+        warnings()
+    );
+    assert!(still_running, "the agent stopped; log:\n{log_text}");
+}
