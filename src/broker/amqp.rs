@@ -338,7 +338,7 @@ impl AmqpBroker {
         // reconnect goes to another one.
         let node = self.inner.next_node.fetch_add(1, Ordering::Relaxed) % uris.len();
         let uri = uris[node].clone();
-        let address = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let address = socket_address_text(&uri.authority.host, uri.authority.port);
         let properties = ConnectionProperties::default()
             .with_connection_name(self.inner.connection_name.clone().into());
         let connection = Connection::connect_uri(uri, properties)
@@ -425,6 +425,15 @@ impl AmqpBroker {
             *guard = None;
         }
         result
+    }
+}
+
+/// Writes `host:port`, with an IPv6 address in brackets, as in URLs.
+fn socket_address_text(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 
