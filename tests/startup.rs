@@ -1,6 +1,7 @@
-//! Startup of the real binary: settings that can never work stop `serve`
-//! and `agent` at once with a message, and a broker that cannot be reached
-//! yet is retried with a warning per attempt.
+//! Startup of the real binary. Settings that can never work stop `serve`
+//! and `agent` at once with a message. A broker that cannot be reached yet
+//! is retried with a warning per attempt. Log colours follow the terminal
+//! and `NO_COLOR`.
 
 mod common;
 
@@ -16,10 +17,11 @@ use tokio::process::Command;
 /// start of a debug build.
 const EXIT_WITHIN: Duration = Duration::from_secs(20);
 
-/// Returns the `dispatcher` command with a data directory and without any
-/// `DISPATCHER_` variable of the environment the tests run in.
-fn dispatcher(data_dir: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dispatcher"));
+/// Returns `program` with a data directory for `dispatcher`, without any
+/// `DISPATCHER_` variable of the environment the tests run in, and with
+/// stdout and stderr captured.
+fn command_with_data_dir(program: &str, data_dir: &Path) -> Command {
+    let mut command = Command::new(program);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("DISPATCHER_") {
             command.env_remove(name);
@@ -32,6 +34,11 @@ fn dispatcher(data_dir: &Path) -> Command {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     command
+}
+
+/// Returns the `dispatcher` command, prepared as [`command_with_data_dir`] does.
+fn dispatcher(data_dir: &Path) -> Command {
+    command_with_data_dir(env!("CARGO_BIN_EXE_dispatcher"), data_dir)
 }
 
 /// Runs `command` and returns its output, or panics when it is still
@@ -129,9 +136,77 @@ async fn unreachable_broker_is_retried_with_warnings() {
     closer.abort();
     let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(
+        !log_text.contains('\u{1b}'),
+        "ANSI codes in a log file:\n{log_text}"
+    );
+    assert!(
         retried,
         "{} warnings naming {address} within {EXIT_WITHIN:?}; log:\n{log_text}",
         warnings()
     );
     assert!(still_running, "the agent stopped; log:\n{log_text}");
+}
+
+/// Runs `dispatcher token` with a fresh data directory, so that it logs the
+/// secret file it generates, and returns what it wrote on its terminal or,
+/// with `terminal` false, on stderr. `script` (util-linux) gives it a
+/// pseudo-terminal.
+async fn token_log(terminal: bool, no_color: Option<&str>) -> String {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let binary = env!("CARGO_BIN_EXE_dispatcher");
+    let mut command = if terminal {
+        let mut script = command_with_data_dir("script", data_dir.path());
+        script.args([
+            "-qec",
+            &format!("{binary} token --subject alice"),
+            "/dev/null",
+        ]);
+        script
+    } else {
+        let mut token = dispatcher(data_dir.path());
+        token.args(["token", "--subject", "alice"]);
+        token
+    };
+    command.env_remove("NO_COLOR");
+    if let Some(value) = no_color {
+        command.env("NO_COLOR", value);
+    }
+    let case = format!("terminal {terminal}, NO_COLOR {no_color:?}");
+
+    let output = output_within_deadline(&mut command, &case).await;
+
+    assert!(
+        output.status.success(),
+        "{case}: exit status {}",
+        output.status
+    );
+    let text = if terminal {
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    } else {
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    assert!(
+        text.contains("generated a new secret file"),
+        "{case}: {text}"
+    );
+    text
+}
+
+#[tokio::test]
+async fn log_colors_follow_terminal_and_no_color() {
+    const ESCAPE: char = '\u{1b}';
+    let cases = [
+        (false, None, false),
+        (true, None, true),
+        (true, Some("1"), false),
+        (true, Some(""), true),
+    ];
+    for (terminal, no_color, colored) in cases {
+        let text = token_log(terminal, no_color).await;
+        assert_eq!(
+            text.contains(ESCAPE),
+            colored,
+            "terminal {terminal}, NO_COLOR {no_color:?}: {text:?}"
+        );
+    }
 }
