@@ -99,7 +99,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Printed on stdout, apart from the logs, so that scripts and tests can
     // read the port when they asked for port 0.
     println!("dispatcher listening on http://{address}");
-    tracing::info!(%address, broker = broker_kind(&broker), backend = ?context.store.backend(), "dispatcher serving");
+    tracing::info!(
+        %address,
+        broker = broker_kind(&broker),
+        backend = ?context.store.backend(),
+        postback_every_transition = context.postback_every_transition,
+        "dispatcher serving"
+    );
     Service {
         state,
         context,

@@ -1,7 +1,7 @@
 //! Startup of the real binary. Settings that can never work stop `serve`
 //! and `agent` at once with a message. A broker that cannot be reached yet
 //! is retried with a warning per attempt. Log colours follow the terminal
-//! and `NO_COLOR`.
+//! and `NO_COLOR`. Boolean variables take the usual spellings.
 
 mod common;
 
@@ -208,5 +208,85 @@ async fn log_colors_follow_terminal_and_no_color() {
             colored,
             "terminal {terminal}, NO_COLOR {no_color:?}: {text:?}"
         );
+    }
+}
+
+/// Starts `dispatcher serve` with `DISPATCHER_POSTBACK_EVERY_TRANSITION`
+/// set to `value`, and returns the setting that its start log line shows.
+async fn every_transition_setting(value: &str) -> String {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let log_path = data_dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut serve = dispatcher(data_dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DISPATCHER_POSTBACK_EVERY_TRANSITION", value)
+        .stderr(log)
+        .spawn()
+        .expect("spawn dispatcher serve");
+
+    let field = "postback_every_transition=";
+    let start_line = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .find(|line| line.contains("dispatcher serving"))
+            .map(str::to_owned)
+    };
+    let started = wait_until(EXIT_WITHIN, || async { start_line().is_some() }).await;
+    serve.kill().await.expect("kill serve");
+    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(started, "{value:?}: serve did not start; log:\n{log_text}");
+
+    let line = start_line().expect("the start line was found");
+    let setting = line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix(field))
+        .unwrap_or_else(|| panic!("{value:?}: no {field} in {line}"));
+    setting.to_owned()
+}
+
+#[tokio::test]
+async fn boolean_variable_takes_usual_forms() {
+    let forms = [
+        ("1", "true"),
+        ("0", "false"),
+        ("yes", "true"),
+        ("no", "false"),
+        ("ON", "true"),
+        ("off", "false"),
+        ("true", "true"),
+        ("False", "false"),
+    ];
+    for (value, expected) in forms {
+        let setting = every_transition_setting(value).await;
+        assert_eq!(
+            setting, expected,
+            "DISPATCHER_POSTBACK_EVERY_TRANSITION={value}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn invalid_boolean_variable_stops_start() {
+    for value in ["maybe", "2"] {
+        let case = format!("DISPATCHER_POSTBACK_EVERY_TRANSITION={value}");
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut command = dispatcher(data_dir.path());
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("DISPATCHER_POSTBACK_EVERY_TRANSITION", value);
+
+        let output = output_within_deadline(&mut command, &case).await;
+
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{case}: exit status {}",
+            output.status
+        );
+        let expected = format!(
+            "invalid value '{value}' for '--postback-every-transition': use true or false, 1 or 0, yes or no, on or off"
+        );
+        assert!(stderr.contains(&expected), "{case}: stderr {stderr}");
     }
 }
