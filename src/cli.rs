@@ -129,7 +129,8 @@ pub struct ServeArgs {
     pub postback_max_per_receiver: u16,
 
     /// Post back on every status change, not only when the command is final.
-    #[arg(long, env = "DISPATCHER_POSTBACK_EVERY_TRANSITION")]
+    /// The variable takes true/false, 1/0, yes/no or on/off.
+    #[arg(long, env = "DISPATCHER_POSTBACK_EVERY_TRANSITION", value_parser = parse_bool)]
     pub postback_every_transition: bool,
 
     /// Expiry of commands that name no ExpirationDateTime, such as 24h;
@@ -196,6 +197,16 @@ fn parse_ttl(value: &str) -> Result<Ttl, String> {
         );
     }
     Ok(Ttl(Some(duration)))
+}
+
+/// Parses the value of a boolean flag, which comes from its environment
+/// variable: true/false, 1/0, yes/no or on/off, in any letter case.
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("use true or false, 1 or 0, yes or no, on or off".to_owned()),
+    }
 }
 
 fn parse_positive_duration(value: &str) -> Result<Duration, String> {
@@ -284,4 +295,70 @@ fn write_private(path: &Path, secret: &str) -> anyhow::Result<()> {
     std::fs::write(path, secret).map_err(|error| {
         anyhow::anyhow!("cannot write the secret file {}: {error}", path.display())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{ArgAction, CommandFactory};
+
+    use super::*;
+
+    /// Returns every argument of every subcommand that is a boolean flag
+    /// and can also come from an environment variable.
+    fn boolean_env_flags() -> Vec<clap::Arg> {
+        let cli = Cli::command();
+        let mut flags = Vec::new();
+        for subcommand in cli.get_subcommands() {
+            for arg in subcommand.get_arguments() {
+                let boolean = matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse);
+                if boolean && arg.get_env().is_some() {
+                    flags.push(arg.clone());
+                }
+            }
+        }
+        flags
+    }
+
+    /// Parses `text` with the value parser of `flag`, the one clap applies
+    /// to the flag's environment variable. A flag takes no value on the
+    /// command line, so a copy that takes one parses it here.
+    fn parse_flag_value(flag: &clap::Arg, text: &str) -> Result<bool, clap::Error> {
+        let long = flag.get_long().expect("the flag has a long name");
+        let command =
+            clap::Command::new("test").arg(flag.clone().action(ArgAction::Set).env(None::<&str>));
+        let matches = command.try_get_matches_from(["test", &format!("--{long}={text}")])?;
+        Ok(*matches
+            .get_one::<bool>(flag.get_id().as_str())
+            .expect("the value was given"))
+    }
+
+    #[test]
+    fn boolean_env_flags_take_usual_forms() {
+        let flags = boolean_env_flags();
+        assert!(!flags.is_empty(), "no boolean flag with a variable found");
+        let forms = [
+            ("true", true),
+            ("TRUE", true),
+            ("1", true),
+            ("yes", true),
+            ("on", true),
+            ("false", false),
+            ("False", false),
+            ("0", false),
+            ("no", false),
+            ("off", false),
+        ];
+        for flag in &flags {
+            let name = flag.get_id();
+            for (form, expected) in forms {
+                let value = parse_flag_value(flag, form)
+                    .unwrap_or_else(|error| panic!("{name} rejects {form:?}: {error}"));
+                assert_eq!(value, expected, "{name} = {form:?}");
+            }
+            for form in ["maybe", "2", ""] {
+                let parsed = parse_flag_value(flag, form);
+                assert!(parsed.is_err(), "{name} accepts {form:?}: {parsed:?}");
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod command;
 pub mod contract;
 pub mod domain;
+pub mod logging;
 pub mod net;
 pub mod postback;
 pub mod run;

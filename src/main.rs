@@ -1,19 +1,13 @@
 use clap::Parser;
 use command_dispatcher::cli::{Cli, CliCommand};
-use command_dispatcher::run;
+use command_dispatcher::{logging, run};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr; stdout carries only what a command prints for scripts.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("DISPATCHER_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init();
 
     let shutdown = CancellationToken::new();
     run::cancel_on_signal(shutdown.clone());

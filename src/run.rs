@@ -24,6 +24,12 @@ use crate::store::{PoolSettings, Store};
 
 /// `dispatcher serve`.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // First, so that an invalid broker setting stops the start before any
+    // file or database is created.
+    let broker = broker_from(
+        &args.broker,
+        &format!("dispatcher serve ({})", args.broker.amqp_prefix),
+    )?;
     let data_dir = &args.common.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
@@ -51,10 +57,6 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let store = Store::connect(&database_url, &pool)
         .await
         .context("cannot open the database")?;
-    let broker = broker_from(
-        &args.broker,
-        &format!("dispatcher serve ({})", args.broker.amqp_prefix),
-    )?;
 
     let state = AppState {
         store: store.clone(),
@@ -98,7 +100,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Printed on stdout, apart from the logs, so that scripts and tests can
     // read the port when they asked for port 0.
     println!("dispatcher listening on http://{address}");
-    tracing::info!(%address, broker = broker_kind(&broker), backend = ?context.store.backend(), "dispatcher serving");
+    tracing::info!(
+        %address,
+        broker = broker_kind(&broker),
+        backend = ?context.store.backend(),
+        postback_every_transition = context.postback_every_transition,
+        "dispatcher serving"
+    );
     Service {
         state,
         context,
@@ -180,11 +188,8 @@ pub fn token(args: TokenArgs) -> anyhow::Result<String> {
 fn broker_from(args: &BrokerArgs, connection_name: &str) -> anyhow::Result<Broker> {
     let topology = Topology::new(&args.amqp_prefix, args.queue_type)
         .map_err(|error| anyhow::anyhow!(error))?;
-    Ok(Broker::new(
-        args.amqp_url.as_deref(),
-        topology,
-        connection_name,
-    ))
+    Broker::new(args.amqp_url.as_deref(), topology, connection_name)
+        .map_err(|error| anyhow::anyhow!("invalid --amqp-url (DISPATCHER_AMQP_URL): {error}"))
 }
 
 fn load_handlers(path: Option<&std::path::Path>) -> anyhow::Result<Handlers> {

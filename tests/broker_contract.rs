@@ -17,8 +17,9 @@ fn broker(kind: BrokerKind, queue_kind: QueueKind) -> Broker {
     let prefix = format!("c{}", uuid::Uuid::new_v4().simple());
     let topology = Topology::new(&prefix, queue_kind).unwrap();
     match kind {
-        BrokerKind::Memory => Broker::new(None, topology, "contract test"),
-        BrokerKind::Rabbit => Broker::new(Some(&amqp_url()), topology, "contract test"),
+        BrokerKind::Memory => Broker::new(None, topology, "contract test").unwrap(),
+        BrokerKind::Rabbit => Broker::new(Some(&amqp_url()), topology, "contract test")
+            .expect("the test AMQP URL is valid"),
     }
 }
 
@@ -389,7 +390,8 @@ async fn next_cluster_node_is_tried_after_a_failure() {
     let topology = Topology::new(&prefix, QueueKind::Classic).unwrap();
     // Nothing listens on port 1 of the loopback address: the first node is down.
     let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f, {}", amqp_url());
-    let broker = Broker::new(Some(&nodes), topology, "contract test");
+    let broker =
+        Broker::new(Some(&nodes), topology, "contract test").expect("the node URLs are valid");
     let kiosk = device("kiosk");
 
     let first = broker
@@ -417,7 +419,8 @@ async fn batch_stops_at_first_unavailable() {
     let topology = Topology::new(&prefix, QueueKind::Classic).unwrap();
     // Nothing listens on port 1 of the loopback address: the first node is down.
     let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f, {}", amqp_url());
-    let broker = Broker::new(Some(&nodes), topology, "contract test");
+    let broker =
+        Broker::new(Some(&nodes), topology, "contract test").expect("the node URLs are valid");
     let kiosk = device("kiosk");
 
     let batch = PublishBatch::default();
@@ -454,15 +457,62 @@ async fn batch_stops_at_first_unavailable() {
     broker.close().await;
 }
 
-#[tokio::test]
-async fn invalid_amqp_url_is_reported_without_the_password() {
+#[test]
+fn invalid_amqp_url_is_reported_without_the_password() {
     let topology = Topology::new("contract", QueueKind::Classic).unwrap();
-    let broker = Broker::new(
+    let error = Broker::new(
         Some("amqp://user:secret-password@127.0.0.1:notaport/%2f"),
         topology,
         "contract test",
-    );
-    let error = broker.check_ready().await.unwrap_err().to_string();
-    assert!(error.contains("invalid AMQP URL"), "{error}");
+    )
+    .unwrap_err();
+    assert!(error.contains("invalid port number"), "{error}");
     assert!(!error.contains("secret-password"), "{error}");
+}
+
+#[tokio::test]
+async fn queue_type_conflict_names_queue_and_fix() {
+    let orders = [
+        (QueueKind::Classic, QueueKind::Quorum),
+        (QueueKind::Quorum, QueueKind::Classic),
+    ];
+    for (existing, declared) in orders {
+        let prefix = format!("c{}", uuid::Uuid::new_v4().simple());
+        let rabbit_broker = |queue_kind| {
+            let topology = Topology::new(&prefix, queue_kind).unwrap();
+            Broker::new(Some(&amqp_url()), topology, "contract test")
+                .expect("the test AMQP URL is valid")
+        };
+        let kiosk = device("kiosk");
+        let first = rabbit_broker(existing);
+        first.declare_device(&kiosk).await.unwrap();
+        first.declare_reports().await.unwrap();
+        first.close().await;
+
+        let second = rabbit_broker(declared);
+        let queues = [
+            second.topology().device_queue(&kiosk),
+            second.topology().reports_queue(),
+        ];
+        let errors = [
+            second.declare_device(&kiosk).await.unwrap_err(),
+            second.declare_reports().await.unwrap_err(),
+        ];
+        for (queue, error) in queues.iter().zip(errors) {
+            let case = format!("{queue} declared {declared:?} over {existing:?}");
+            assert!(
+                matches!(error, BrokerError::Rejected(_)),
+                "{case}: {error:?}"
+            );
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("queue {queue} ")),
+                "{case}: {message}"
+            );
+            let flag = format!("--queue-type {}", existing.as_str());
+            assert!(message.contains(&flag), "{case}: {message}");
+            assert!(message.contains("delete the queue"), "{case}: {message}");
+        }
+        second.close().await;
+    }
 }

@@ -219,7 +219,8 @@ async fn poison_message_does_not_block_device() {
     let mut agent = env.agent("poisoned", Some(&handlers)).await;
 
     let topology = Topology::new(&env.prefix, QueueKind::Classic).unwrap();
-    let broker = Broker::new(Some(&amqp_url()), topology, "fault test");
+    let broker =
+        Broker::new(Some(&amqp_url()), topology, "fault test").expect("the test AMQP URL is valid");
     for body in [
         &b"not json at all"[..],
         br#"{"id":"not-a-uuid"}"#,
@@ -508,7 +509,8 @@ async fn batch_stops_at_lost_connection() {
     let prefix = format!("f{}", uuid::Uuid::new_v4().simple());
     let name = format!("batch test ({prefix})");
     let topology = Topology::new(&prefix, QueueKind::Classic).unwrap();
-    let broker = Broker::new(Some(&amqp_url()), topology, &name);
+    let broker =
+        Broker::new(Some(&amqp_url()), topology, &name).expect("the test AMQP URL is valid");
     let kiosk = DeviceId::parse("kiosk").unwrap();
     let message = |body: &str| OutgoingMessage {
         destination: Destination::Device(kiosk.clone()),

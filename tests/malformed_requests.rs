@@ -10,6 +10,14 @@ use reqwest::header::{HeaderName, HeaderValue};
 const DEVICE_COMMANDS: &str = "/devices/kiosk-1/commands";
 const ECHO: &str = r#"{"Type":"AppService","AppServiceName":"echo"}"#;
 
+/// [`ECHO`] compressed with gzip (Python's `gzip.compress` with mtime 0).
+const ECHO_GZIP: [u8; 53] = [
+    0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x03, 0xab, 0x56, 0x0a, 0xa9, 0x2c, 0x48,
+    0x55, 0xb2, 0x52, 0x72, 0x2c, 0x28, 0x08, 0x4e, 0x2d, 0x2a, 0xcb, 0x4c, 0x4e, 0x55, 0xd2, 0x41,
+    0xe2, 0xf8, 0x25, 0xe6, 0x82, 0x64, 0x53, 0x93, 0x33, 0xf2, 0x95, 0x6a, 0x01, 0xe8, 0x63, 0x22,
+    0xfb, 0x2d, 0x00, 0x00, 0x00,
+];
+
 /// One malformed request and the response it must get.
 struct Case {
     name: &'static str,
@@ -145,6 +153,16 @@ fn cases() -> Vec<Case> {
             echo_with("PostBackUrl", r#""https://example.com/""#),
             "did you mean PostBackUri",
         ),
+        bad_body(
+            "key with @ that is no annotation",
+            echo_with("notify@example.com", r#""x""#),
+            "\"notify@example.com\" is not a command property",
+        ),
+        bad_body(
+            "annotation of an unknown property",
+            echo_with("PostBackUrl@odata.type", r#""x""#),
+            "\"PostBackUrl@odata.type\" is not a command property",
+        ),
         bad_body("Type is a number", r#"{"Type":1}"#, "Type must be a string"),
         bad_body("Type is unknown", r#"{"Type":"Reboot"}"#, "Reboot"),
         bad_body(
@@ -271,6 +289,28 @@ fn cases() -> Vec<Case> {
             ),
             "content-type",
             "application/x-www-form-urlencoded",
+        ),
+        with_header(
+            post(
+                "Content-Encoding is gzip",
+                ECHO_GZIP,
+                415,
+                "unsupportedMediaType",
+                "Content-Encoding \"gzip\" is not supported; send the body uncompressed",
+            ),
+            "content-encoding",
+            "gzip",
+        ),
+        with_header(
+            post(
+                "Content-Encoding lists br after identity",
+                ECHO,
+                415,
+                "unsupportedMediaType",
+                "Content-Encoding \"identity, br\"",
+            ),
+            "content-encoding",
+            "identity, br",
         ),
         with_header(
             bad_body("Idempotency-Key is empty", ECHO, "Idempotency-Key"),

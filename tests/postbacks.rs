@@ -182,6 +182,33 @@ async fn retries_keep_id_body_and_valid_signature() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn last_retry_is_logged_as_failed() {
+    let receiver = Receiver::start().await;
+    receiver.script([Reply::Status(503), Reply::Status(503)]);
+    let mut env = TestEnv::new(BrokerKind::Memory).await;
+    env.set_serve_flag("--postback-retry-delays", "200ms");
+
+    let (server, id) = send_one_postback(&env, &receiver, 2).await;
+    wait_postback_state(&server, &id, "failed", DEADLINE).await;
+    // Sleeping only shows that no retry follows.
+    tokio::time::sleep(NO_RETRY_WAIT).await;
+
+    assert_eq!(receiver.count(), 2, "requests received");
+    let deliveries = deliveries(&server, &id).await;
+    assert_eq!(deliveries.len(), 1, "deliveries: {deliveries:?}");
+    let delivery = &deliveries[0];
+    assert_eq!(delivery["State"], "failed");
+    assert_eq!(
+        attempt_field(delivery, "Outcome"),
+        [json!("retry"), json!("failed")]
+    );
+    assert_eq!(
+        attempt_field(delivery, "StatusCode"),
+        [json!(503), json!(503)]
+    );
+}
+
 /// Sends one postback to a receiver that responds with `reply` first, and
 /// checks that the delivery fails after that one attempt.
 async fn assert_final_after_one_attempt(reply: Reply, expected_error: &str) {

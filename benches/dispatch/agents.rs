@@ -38,7 +38,8 @@ impl Agents {
                 .map_err(|error| anyhow::anyhow!("invalid device id {device:?}: {error}"))?;
             let topology = Topology::new(prefix, QueueKind::Classic)
                 .map_err(|error| anyhow::anyhow!(error))?;
-            let broker = Broker::new(Some(amqp_url), topology, &format!("bench agent {device}"));
+            let broker = Broker::new(Some(amqp_url), topology, &format!("bench agent {device}"))
+                .map_err(|error| anyhow::anyhow!("invalid AMQP URL: {error}"))?;
             let settings = AgentSettings {
                 journal_path: journal_dir.join(format!("{device}.jsonl")),
                 device,

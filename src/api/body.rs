@@ -61,8 +61,7 @@ pub fn parse_create(body: &[u8], context: CreateContext<'_>) -> Result<NewComman
     let mut fields = Fields::default();
     for (name, value) in &entries {
         check_nested_duplicates(value, 1)?;
-        if name.contains('@') {
-            // OData annotations such as "@odata.type" describe the body.
+        if is_odata_annotation(name) {
             continue;
         }
         let canonical = canonical_name(name)?;
@@ -248,22 +247,64 @@ fn parse_expiration(text: &str, now: Millis) -> Result<Millis, ApiError> {
     Ok(at)
 }
 
-/// Maps a property name, in any letter case, to its canonical spelling.
-fn canonical_name(name: &str) -> Result<&'static str, ApiError> {
+/// Returns true for the two OData annotation forms, which the parser skips
+/// because they describe the body. They are an instance annotation
+/// `@namespace.term`, such as `@odata.type`, and a property annotation
+/// `Property@namespace.term` on a command property, such as
+/// `Payload@odata.type`. A term may end in `#qualifier`. Any other key with
+/// `@` is an unknown property.
+fn is_odata_annotation(key: &str) -> bool {
+    let Some((property, term)) = key.split_once('@') else {
+        return false;
+    };
+    let annotates_the_body = property.is_empty() || known_property(property).is_some();
+    annotates_the_body && is_qualified_term(term)
+}
+
+/// Checks a namespace-qualified term name, such as `odata.type` or
+/// `Core.Description#short`. That is two or more identifiers joined by dots,
+/// optionally followed by `#` and a qualifier identifier.
+fn is_qualified_term(text: &str) -> bool {
+    let (name, qualifier) = match text.split_once('#') {
+        Some((name, qualifier)) => (name, Some(qualifier)),
+        None => (text, None),
+    };
+    let segments: Vec<&str> = name.split('.').collect();
+    segments.len() >= 2
+        && segments.iter().all(|segment| is_identifier(segment))
+        && qualifier.is_none_or(is_identifier)
+}
+
+/// Checks an identifier: a letter or `_`, then letters, digits or `_`.
+fn is_identifier(text: &str) -> bool {
+    let mut characters = text.chars();
+    let valid_first = characters
+        .next()
+        .is_some_and(|first| first.is_alphabetic() || first == '_');
+    valid_first && characters.all(|character| character.is_alphanumeric() || character == '_')
+}
+
+/// Returns the canonical spelling of a command property named in any letter
+/// case, or `None` when the command has no such property.
+fn known_property(name: &str) -> Option<&'static str> {
     CLIENT_PROPERTIES
         .iter()
         .chain(SERVER_PROPERTIES.iter())
         .find(|known| known.eq_ignore_ascii_case(name))
         .copied()
-        .ok_or_else(|| {
-            let hint = closest_property(name)
-                .map(|known| format!("; did you mean {known}"))
-                .unwrap_or_default();
-            ApiError::bad_request(format!(
-                "property {name:?} is not a command property{hint}. Settable properties are {}",
-                CLIENT_PROPERTIES.join(", ")
-            ))
-        })
+}
+
+/// Maps a property name, in any letter case, to its canonical spelling.
+fn canonical_name(name: &str) -> Result<&'static str, ApiError> {
+    known_property(name).ok_or_else(|| {
+        let hint = closest_property(name)
+            .map(|known| format!("; did you mean {known}"))
+            .unwrap_or_default();
+        ApiError::bad_request(format!(
+            "property {name:?} is not a command property{hint}. Settable properties are {}",
+            CLIENT_PROPERTIES.join(", ")
+        ))
+    })
 }
 
 /// Returns the client property nearest to a misspelled name, if one is close.
@@ -464,6 +505,47 @@ mod tests {
             command.payload.as_deref(),
             Some(r#"{"@odata.type": "microsoft.graph.PayloadRequest"}"#)
         );
+    }
+
+    #[test]
+    fn odata_annotations_are_ignored() {
+        let keys = [
+            "@odata.type",
+            "@odata.context",
+            "@Org.Example.note#internal",
+            "Payload@odata.type",
+            "payload@odata.type",
+            "Status@odata.type",
+            "PostBackUri@Core.Description",
+        ];
+        for key in keys {
+            let body = format!(r#"{{"Type":"AppService","AppServiceName":"echo","{key}":"x"}}"#);
+            assert!(parse(&body).is_ok(), "{key}: {:?}", parse(&body).err());
+        }
+    }
+
+    #[test]
+    fn other_keys_with_at_sign_are_rejected() {
+        let keys = [
+            "user@example.com",
+            "PostBackUrl@odata.type",
+            "Payload@",
+            "Payload@odata",
+            "Payload@odata.",
+            "Payload@.type",
+            "@",
+            "@odata",
+            "@odata.type@odata.type",
+            "@odata.type#",
+            "@1odata.type",
+            "Payload@@odata.type",
+        ];
+        for key in keys {
+            let body = format!(r#"{{"Type":"AppService","AppServiceName":"echo","{key}":"x"}}"#);
+            let text = message(&body);
+            assert!(text.contains(&format!("{key:?}")), "{key}: {text}");
+            assert!(text.contains("is not a command property"), "{key}: {text}");
+        }
     }
 
     #[test]

@@ -85,6 +85,7 @@ async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_json_content_type(headers)?;
+    check_identity_encoding(headers)?;
     let key = idempotency::key_from(headers)?;
     let body = body.map_err(body_rejection)?;
     let now = Millis::now();
@@ -173,6 +174,29 @@ fn body_rejection(rejection: BytesRejection) -> ApiError {
     } else {
         ApiError::bad_request(format!("cannot read the request body: {rejection}"))
     }
+}
+
+/// Rejects a body sent with a content coding other than `identity`, such as
+/// gzip, because the service does not decompress request bodies.
+fn check_identity_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let is_identity = value.to_str().is_ok_and(|text| {
+            text.split(',')
+                .map(str::trim)
+                .all(|coding| coding.is_empty() || coding.eq_ignore_ascii_case("identity"))
+        });
+        if !is_identity {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupportedMediaType",
+                format!(
+                    "Content-Encoding {value:?} is not supported; send the body uncompressed, \
+                     without Content-Encoding or with Content-Encoding: identity"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Accepts `application/json` with any parameters, such as a charset.
@@ -363,4 +387,55 @@ pub fn path_value<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError
 
 pub fn json_response(body: String) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoding_headers(values: &[&[u8]]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(
+                header::CONTENT_ENCODING,
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn identity_encoding_is_accepted() {
+        let accepted: [&[&[u8]]; 4] = [
+            &[],
+            &[b"identity"],
+            &[b"Identity"],
+            &[b"identity, identity"],
+        ];
+        for values in accepted {
+            let result = check_identity_encoding(&encoding_headers(values));
+            assert!(result.is_ok(), "{values:?}: {:?}", result.err());
+        }
+    }
+
+    #[test]
+    fn other_encodings_get_415() {
+        let rejected: [(&[&[u8]], &str); 4] = [
+            (&[b"gzip"], "\"gzip\""),
+            (&[b"identity, br"], "\"identity, br\""),
+            (&[b"identity", b"deflate"], "\"deflate\""),
+            (&[b"gz\xffip"], "\"gz\\xffip\""),
+        ];
+        for (values, named) in rejected {
+            let error = check_identity_encoding(&encoding_headers(values)).unwrap_err();
+            assert_eq!(error.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{named}");
+            assert_eq!(error.code, "unsupportedMediaType", "{named}");
+            assert!(
+                error.message.contains(&format!("Content-Encoding {named}")),
+                "{named}: {}",
+                error.message
+            );
+            assert!(error.message.contains("uncompressed"), "{}", error.message);
+        }
+    }
 }

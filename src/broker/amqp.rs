@@ -16,6 +16,7 @@ use lapin::options::{
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{
@@ -23,15 +24,12 @@ use lapin::{
 };
 use tokio::sync::Mutex;
 
+use super::amqp_url::parse_node_urls;
 use super::{
     Acker, BrokerError, Delivery, Destination, MessageProperties, OutgoingMessage, PublishBatch,
     Topology,
 };
 use crate::domain::DeviceId;
-
-/// Heartbeat used when the AMQP URL sets none, in seconds. RabbitMQ's own
-/// default of 60 s would leave a dead link unnoticed for up to two minutes.
-const DEFAULT_HEARTBEAT_SECONDS: u16 = 10;
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
@@ -42,8 +40,8 @@ pub struct AmqpBroker {
 }
 
 struct Inner {
-    /// The cluster's nodes, tried in turn, or why the URL list is invalid.
-    uris: Result<Vec<AMQPUri>, String>,
+    /// The cluster's nodes, tried in turn. Never empty.
+    uris: Vec<AMQPUri>,
     /// Index into `uris` of the node to try next.
     next_node: AtomicUsize,
     /// Count of publishing channels opened so far, which gives each one its
@@ -83,22 +81,11 @@ impl fmt::Debug for AmqpBroker {
 impl AmqpBroker {
     /// Creates a broker for `urls`: one AMQP URL, or several separated by
     /// commas for the nodes of a cluster. A connection goes to one node, and
-    /// after a failure the next connection tries the next node.
-    pub fn new(urls: &str, topology: Topology, connection_name: &str) -> Self {
-        let uris = urls
-            .split(',')
-            .map(str::trim)
-            .filter(|url| !url.is_empty())
-            .map(parse_uri)
-            .collect::<Result<Vec<_>, _>>()
-            .and_then(|uris| {
-                if uris.is_empty() {
-                    Err("the AMQP URL is empty".to_owned())
-                } else {
-                    Ok(uris)
-                }
-            });
-        Self {
+    /// after a failure the next connection tries the next node. Returns why
+    /// the list is invalid when a node's URL is, without repeating the URL.
+    pub fn new(urls: &str, topology: Topology, connection_name: &str) -> Result<Self, String> {
+        let uris = parse_node_urls(urls)?;
+        Ok(Self {
             inner: Arc::new(Inner {
                 uris,
                 next_node: AtomicUsize::new(0),
@@ -107,7 +94,7 @@ impl AmqpBroker {
                 connection_name: connection_name.to_owned(),
                 live: Mutex::new(None),
             }),
-        }
+        })
     }
 
     pub fn topology(&self) -> &Topology {
@@ -346,16 +333,12 @@ impl AmqpBroker {
     }
 
     async fn connect(&self) -> Result<Live, BrokerError> {
-        let uris = self
-            .inner
-            .uris
-            .as_ref()
-            .map_err(|error| BrokerError::Unavailable(error.clone()))?;
+        let uris = &self.inner.uris;
         // Every attempt moves on to the next node, so after a node fails the
         // reconnect goes to another one.
         let node = self.inner.next_node.fetch_add(1, Ordering::Relaxed) % uris.len();
         let uri = uris[node].clone();
-        let address = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let address = socket_address_text(&uri.authority.host, uri.authority.port);
         let properties = ConnectionProperties::default()
             .with_connection_name(self.inner.connection_name.clone().into());
         let connection = Connection::connect_uri(uri, properties)
@@ -397,7 +380,7 @@ impl AmqpBroker {
         for (queue, exchange) in pairs {
             declare_queue(&live.declarer, &queue, topology.queue_arguments(&queue))
                 .await
-                .map_err(|error| classify(live, &error))?;
+                .map_err(|error| declaration_error(live, topology, &queue, &error))?;
             live.declarer
                 .queue_bind(
                     ShortString::from(queue.as_str()),
@@ -418,13 +401,10 @@ impl AmqpBroker {
             return Ok(());
         }
         let topology = &self.inner.topology;
-        declare_queue(
-            &live.declarer,
-            &topology.reports_queue(),
-            topology.reports_queue_arguments(),
-        )
-        .await
-        .map_err(|error| classify(live, &error))?;
+        let queue = topology.reports_queue();
+        declare_queue(&live.declarer, &queue, topology.reports_queue_arguments())
+            .await
+            .map_err(|error| declaration_error(live, topology, &queue, &error))?;
         live.reports_declared = true;
         Ok(())
     }
@@ -448,23 +428,20 @@ impl AmqpBroker {
     }
 }
 
+/// Writes `host:port`, with an IPv6 address in brackets, as in URLs.
+fn socket_address_text(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 fn batch_stopped() -> BrokerError {
     BrokerError::Unavailable(
         "an earlier publish of this batch found the broker unavailable, so the rest of the batch waits for the next attempt"
             .into(),
     )
-}
-
-/// Parses one AMQP URL, adding the default heartbeat when it sets none. The
-/// error never repeats the URL, which may carry a password.
-fn parse_uri(url: &str) -> Result<AMQPUri, String> {
-    let mut uri = url
-        .parse::<AMQPUri>()
-        .map_err(|error| format!("invalid AMQP URL: {error}"))?;
-    if uri.query.heartbeat.is_none() {
-        uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECONDS);
-    }
-    Ok(uri)
 }
 
 async fn open_channel(connection: &Connection) -> Result<Channel, BrokerError> {
@@ -516,7 +493,7 @@ async fn open_consumer(
         .map_err(|error| classify(live, &error))?;
     declare_queue(&channel, queue, topology.queue_arguments(queue))
         .await
-        .map_err(|error| classify(live, &error))?;
+        .map_err(|error| declaration_error(live, topology, queue, &error))?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
@@ -534,6 +511,43 @@ async fn open_consumer(
         _channel: channel,
         consumer,
     })
+}
+
+/// Classifies a failed queue declaration like [`classify`], and logs an
+/// error that names the queue and the fix when the queue exists with
+/// another queue type than `--queue-type` declares.
+fn declaration_error(
+    live: &Live,
+    topology: &Topology,
+    queue: &str,
+    error: &lapin::Error,
+) -> BrokerError {
+    let Some(detail) = queue_type_conflict(error) else {
+        return classify(live, error);
+    };
+    let declared = topology.queue_kind();
+    let message = format!(
+        "queue {queue} already exists with another queue type ({detail}); this process declares {} queues, \
+         so start it with --queue-type {} to match the existing queues, or delete the queue, which drops its messages, \
+         so that it is declared again",
+        declared.as_str(),
+        declared.other().as_str(),
+    );
+    tracing::error!(%queue, queue_type = declared.as_str(), error = %message, "queue declaration conflicts with --queue-type");
+    BrokerError::Rejected(message)
+}
+
+/// Returns RabbitMQ's reason when `error` is a `PRECONDITION_FAILED` about
+/// the `x-queue-type` argument, which RabbitMQ sends when a queue is
+/// declared with another type than it has.
+fn queue_type_conflict(error: &lapin::Error) -> Option<String> {
+    let lapin::ErrorKind::ProtocolError(amqp_error) = error.kind() else {
+        return None;
+    };
+    let precondition_failed =
+        *amqp_error.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED);
+    let reason = amqp_error.get_message().as_str();
+    (precondition_failed && reason.contains("'x-queue-type'")).then(|| reason.to_owned())
 }
 
 /// Tells a dead connection (retry later) from a refused operation.

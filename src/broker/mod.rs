@@ -6,6 +6,7 @@
 //! the contract tests in `tests/broker_contract.rs` run one suite against both.
 
 mod amqp;
+mod amqp_url;
 mod memory;
 mod topology;
 
@@ -156,11 +157,16 @@ pub enum Broker {
 impl Broker {
     /// Connects to RabbitMQ at `amqp_url`, or starts the in-process broker
     /// when there is none. The AMQP connection itself is opened lazily and
-    /// reopened after failures, so this succeeds while RabbitMQ is down.
-    pub fn new(amqp_url: Option<&str>, topology: Topology, connection_name: &str) -> Self {
+    /// reopened after failures, so this succeeds while RabbitMQ is down. It
+    /// fails only when `amqp_url` is invalid, and then returns why.
+    pub fn new(
+        amqp_url: Option<&str>,
+        topology: Topology,
+        connection_name: &str,
+    ) -> Result<Self, String> {
         match amqp_url {
-            Some(url) => Self::Amqp(AmqpBroker::new(url, topology, connection_name)),
-            None => Self::Memory(MemoryBroker::new(topology)),
+            Some(url) => AmqpBroker::new(url, topology, connection_name).map(Self::Amqp),
+            None => Ok(Self::Memory(MemoryBroker::new(topology))),
         }
     }
 

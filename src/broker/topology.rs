@@ -20,6 +20,25 @@ pub enum QueueKind {
     Quorum,
 }
 
+impl QueueKind {
+    /// Returns the value of `--queue-type` that selects this kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
+
+    /// Returns the other kind, which is what an existing queue has when it
+    /// conflicts with this one, because the service declares no other kind.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Classic => Self::Quorum,
+            Self::Quorum => Self::Classic,
+        }
+    }
+}
+
 /// The names of every exchange and queue the service uses, all under one
 /// prefix so that several deployments (or test runs) can share a broker.
 ///
@@ -48,6 +67,11 @@ impl Topology {
             prefix: prefix.to_owned(),
             queue_kind,
         })
+    }
+
+    /// Returns the kind of queue this topology declares.
+    pub fn queue_kind(&self) -> QueueKind {
+        self.queue_kind
     }
 
     /// Returns the direct exchange that routes commands by device id.

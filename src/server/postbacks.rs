@@ -483,7 +483,7 @@ async fn deliver(
         attempt: attempt_number,
         at: started,
         status_code: result.status.map(i64::from),
-        outcome: outcome_name(&result.outcome).to_owned(),
+        outcome: attempt_outcome_name(result.outcome, next).to_owned(),
         error: result.error.clone(),
         duration_ms: i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX),
     };
@@ -513,13 +513,17 @@ fn next_attempt_at(
         .map(|delay| now.saturating_add(delay))
 }
 
-fn outcome_name(outcome: &Outcome) -> &'static str {
-    match outcome {
-        Outcome::Delivered => "delivered",
-        Outcome::Retry => "retry",
-        Outcome::Gone => "gone",
-        Outcome::Rejected => "rejected",
-        Outcome::Refused => "refused",
+/// Names an attempt's outcome for the attempt log. A temporary failure with
+/// no attempt left in the schedule is logged as `failed`, the delivery's
+/// final state, because no retry follows it.
+fn attempt_outcome_name(outcome: Outcome, next: Option<Millis>) -> &'static str {
+    match (outcome, next) {
+        (Outcome::Delivered, _) => "delivered",
+        (Outcome::Retry, Some(_)) => "retry",
+        (Outcome::Retry, None) => FAILED,
+        (Outcome::Gone, _) => "gone",
+        (Outcome::Rejected, _) => "rejected",
+        (Outcome::Refused, _) => "refused",
     }
 }
 
@@ -562,6 +566,17 @@ mod tests {
             assert_eq!(key, expected, "{text}");
             assert!(stored.starts_with(&format!("{key}/")), "{stored} {key}");
         }
+    }
+
+    #[test]
+    fn attempt_outcome_name_marks_last_retry_failed() {
+        let later = Some(Millis(1_000));
+        assert_eq!(attempt_outcome_name(Outcome::Retry, later), "retry");
+        assert_eq!(attempt_outcome_name(Outcome::Retry, None), "failed");
+        assert_eq!(attempt_outcome_name(Outcome::Delivered, None), "delivered");
+        assert_eq!(attempt_outcome_name(Outcome::Gone, None), "gone");
+        assert_eq!(attempt_outcome_name(Outcome::Rejected, None), "rejected");
+        assert_eq!(attempt_outcome_name(Outcome::Refused, None), "refused");
     }
 
     #[test]
