@@ -433,6 +433,48 @@ async fn bad_receivers_do_not_delay_others() {
     assert_eq!(posted, good_ids, "command ids posted to the good receiver");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_receiver_gets_its_backlog_within_its_slots() {
+    // More postbacks than the receiver has slots arrive together: those
+    // without a slot wait in the sender and start as slots free, well
+    // before their lease would end (the attempt timeout plus 5 s).
+    const COMMANDS: usize = 40;
+    const PAUSE: Duration = Duration::from_millis(50);
+    const SLOTS: usize = 2;
+    let receiver = Receiver::start().await;
+    receiver.script(std::iter::repeat_n(Reply::After(PAUSE, 200), COMMANDS));
+    let mut env = TestEnv::new(BrokerKind::Memory).await;
+    env.set_serve_flag("--postback-max-per-receiver", &SLOTS.to_string());
+    let devices: Vec<String> = (0..COMMANDS).map(|n| format!("busy-{n}")).collect();
+    let device_names: Vec<&str> = devices.iter().map(String::as_str).collect();
+    let server = env.serve(&device_names).await;
+
+    let started = Instant::now();
+    for device in &devices {
+        server
+            .create_echo(device, &json!({ "device": device }), Some(&receiver.url))
+            .await;
+    }
+    let all_arrived = wait_until(DEADLINE, || async { receiver.count() >= COMMANDS }).await;
+    let elapsed = started.elapsed();
+    assert!(
+        all_arrived,
+        "receiver got {} of {COMMANDS} postbacks within {DEADLINE:?}",
+        receiver.count()
+    );
+    assert_eq!(
+        receiver.max_in_flight(),
+        SLOTS,
+        "most postbacks in flight at once"
+    );
+    // 40 answers of 50 ms over 2 slots take 1 s; a delivery left to its
+    // lease's end would arrive after 15 s.
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "all postbacks took {elapsed:?}"
+    );
+}
+
 /// Names that /etc/hosts maps only to loopback addresses, other than the
 /// `localhost` names, which the create request already rejects. Looking
 /// them up reads the hosts file and sends no DNS query where the hosts file

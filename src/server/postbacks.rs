@@ -1,7 +1,7 @@
 //! The postback sender: delivers due webhook deliveries from the store,
 //! signs every attempt, and schedules retries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use url::Url;
+use uuid::Uuid;
 
 use super::ServerContext;
 use crate::command::Millis;
@@ -29,11 +30,10 @@ const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// Deliveries that the report worker creates already leased to this
 /// process and hands straight to the sender, which then needs neither to
 /// read nor to lease them. The sender starts each at once when its receiver
-/// has a free slot; otherwise it ends the lease so that the next pass over
-/// the store picks the delivery up.
+/// has a free slot, and otherwise when one frees, while the lease lasts.
 pub struct Handoff {
-    sender: mpsc::UnboundedSender<(DuePostback, String)>,
-    receiver: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(DuePostback, String)>>>,
+    sender: mpsc::UnboundedSender<Handed>,
+    receiver: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Handed>>>,
     lease: Duration,
 }
 
@@ -54,16 +54,21 @@ impl Handoff {
         now.saturating_add(self.lease)
     }
 
-    /// Hands leased deliveries and their bodies to the sender.
-    pub fn hand(&self, postbacks: Vec<(DuePostback, String)>) {
-        for postback in postbacks {
+    /// Hands deliveries leased until `lease_until`, with their bodies, to
+    /// the sender.
+    pub fn hand(&self, postbacks: Vec<(DuePostback, String)>, lease_until: Millis) {
+        for (postback, body) in postbacks {
             // Without a running sender the lease ends and the delivery is
             // sent from the store.
-            let _ = self.sender.send(postback);
+            let _ = self.sender.send(Handed {
+                postback,
+                body,
+                lease_until,
+            });
         }
     }
 
-    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<(DuePostback, String)>> {
+    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<Handed>> {
         self.receiver
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -91,9 +96,10 @@ pub async fn run(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let settings = Arc::new(settings);
-    let mut tasks: JoinSet<()> = JoinSet::new();
-    let mut per_host: HashMap<String, usize> = HashMap::new();
+    let Some(mut handed) = context.postback_handoff.take_receiver() else {
+        tracing::error!("a second postback sender started for one server; it stops");
+        return;
+    };
     // Attempts hand their receiver's slot back here as soon as the receiver
     // answered, before the outcome is stored.
     let (freed_sender, mut freed) = mpsc::unbounded_channel::<String>();
@@ -101,13 +107,21 @@ pub async fn run(
     // outcomes that wait together in one transaction.
     let (finished_sender, finished) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record(context.clone(), finished));
-    let Some(mut handed) = context.postback_handoff.take_receiver() else {
-        tracing::error!("a second postback sender started for one server; it stops");
-        return;
+    let mut sender = Sender {
+        context,
+        client,
+        settings: Arc::new(settings),
+        tasks: JoinSet::new(),
+        per_host: HashMap::new(),
+        waiting: HashMap::new(),
+        waiting_count: 0,
+        freed: freed_sender,
+        finished: finished_sender,
     };
     // Whether the store may hold deliveries this sender can start: set when
-    // something wakes it, when the idle poll comes, and when a receiver that
-    // had no free slot (and so was left out of the last pass) frees one.
+    // something wakes it, at the idle poll, and when a receiver that had no
+    // free slot (and so was left out of the last pass) frees one with no
+    // handed delivery waiting for it.
     let mut scan = true;
     loop {
         let woken = wake.notified();
@@ -115,61 +129,27 @@ pub async fn run(
         woken.as_mut().enable();
 
         while let Ok(host) = freed.try_recv() {
-            scan |= release(&mut per_host, &host, settings.max_in_flight_per_host);
+            scan |= sender.slot_freed(&host);
         }
-        let mut arrived = Vec::new();
         while let Ok(postback) = handed.try_recv() {
-            arrived.push(postback);
+            sender.start_handed(postback);
         }
-        if !arrived.is_empty() {
-            start_handed(
-                &context,
-                &client,
-                &settings,
-                &mut tasks,
-                &mut per_host,
-                (&freed_sender, &finished_sender),
-                arrived,
-            )
-            .await;
-        }
-        if scan && tasks.len() < settings.max_in_flight {
+        if scan && sender.tasks.len() < sender.settings.max_in_flight {
             scan = false;
-            start_due(
-                &context,
-                &client,
-                &settings,
-                &mut tasks,
-                &mut per_host,
-                &freed_sender,
-                &finished_sender,
-            )
-            .await;
+            sender.start_due().await;
         }
-        let full = tasks.len() >= settings.max_in_flight;
+        let full = sender.tasks.len() >= sender.settings.max_in_flight;
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = &mut woken => scan = true,
             () = tokio::time::sleep(IDLE_POLL) => scan = true,
-            Some(host) = freed.recv() => {
-                scan |= release(&mut per_host, &host, settings.max_in_flight_per_host);
-            }
-            Some(postback) = handed.recv() => {
-                start_handed(
-                    &context,
-                    &client,
-                    &settings,
-                    &mut tasks,
-                    &mut per_host,
-                    (&freed_sender, &finished_sender),
-                    vec![postback],
-                )
-                .await;
-            }
-            Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
+            Some(host) = freed.recv() => scan |= sender.slot_freed(&host),
+            Some(postback) = handed.recv() => sender.start_handed(postback),
+            Some(finished) = sender.tasks.join_next(), if !sender.tasks.is_empty() => {
                 if let Err(error) = finished {
                     tracing::error!(%error, "postback task failed");
                 }
+                sender.start_waiting();
                 // A full sender left the store alone in its last pass.
                 scan |= full;
             }
@@ -177,92 +157,233 @@ pub async fn run(
     }
     // Deliveries handed over but not started are left to the next sender.
     handed.close();
-    let mut unstarted = Vec::new();
-    while let Ok((postback, _)) = handed.try_recv() {
-        unstarted.push(postback.id);
+    let mut unstarted: Vec<Uuid> = sender
+        .waiting
+        .drain()
+        .flat_map(|(_, line)| line)
+        .map(|h| h.postback.id)
+        .collect();
+    while let Ok(postback) = handed.try_recv() {
+        unstarted.push(postback.postback.id);
     }
-    if let Err(error) = context.store.release_postback_leases(&unstarted).await {
+    if let Err(error) = sender
+        .context
+        .store
+        .release_postback_leases(&unstarted)
+        .await
+    {
         tracing::warn!(count = unstarted.len(), %error, "cannot end the leases of unsent postbacks; they are sent when the leases end");
     }
     // Attempts in flight end within their deadline; let them record their
     // outcome so that nothing is left leased and unrecorded.
-    while let Some(finished) = tasks.join_next().await {
+    while let Some(finished) = sender.tasks.join_next().await {
         if let Err(error) = finished {
             tracing::error!(%error, "postback task failed");
         }
     }
-    drop(finished_sender);
+    drop(sender);
     if let Err(error) = recorder.await {
         tracing::error!(%error, "postback recorder failed");
     }
     tracing::info!("postback sender stopped");
 }
 
-/// Starts the handed deliveries whose receivers have a free slot, and ends
-/// the leases of the others so that a pass over the store picks them up.
-async fn start_handed(
-    context: &Arc<ServerContext>,
-    client: &PostbackClient,
-    settings: &Arc<SenderSettings>,
-    tasks: &mut JoinSet<()>,
-    per_host: &mut HashMap<String, usize>,
-    channels: Channels<'_>,
-    arrived: Vec<(DuePostback, String)>,
-) {
-    let mut deferred = Vec::new();
-    for (postback, body) in arrived {
-        let host = host_key(&postback.url);
-        let slots = per_host.entry(host.clone()).or_default();
-        if tasks.len() >= settings.max_in_flight || *slots >= settings.max_in_flight_per_host {
-            if *slots == 0 {
-                per_host.remove(&host);
-            }
-            deferred.push(postback.id);
-            continue;
-        }
-        *slots += 1;
-        spawn_attempt((client, settings), tasks, channels, (postback, body, host));
+/// Most handed deliveries waiting in memory for a slot, across receivers.
+/// More are left to the store, from which a pass takes them once their
+/// lease ends.
+const MAX_WAITING: usize = 4096;
+
+/// The sender's state between passes.
+struct Sender {
+    context: Arc<ServerContext>,
+    client: PostbackClient,
+    settings: Arc<SenderSettings>,
+    tasks: JoinSet<()>,
+    /// Attempts in flight per receiver, in the form of [`host_key`].
+    per_host: HashMap<String, usize>,
+    /// Handed deliveries waiting for a slot of their receiver, oldest
+    /// first; they stay leased meanwhile.
+    waiting: HashMap<String, VecDeque<Handed>>,
+    waiting_count: usize,
+    freed: mpsc::UnboundedSender<String>,
+    finished: mpsc::UnboundedSender<FinishedAttempt>,
+}
+
+impl Sender {
+    /// Whether one more attempt to `host` may start now.
+    fn has_slot(&self, host: &str) -> bool {
+        self.tasks.len() < self.settings.max_in_flight
+            && self.per_host.get(host).copied().unwrap_or(0) < self.settings.max_in_flight_per_host
     }
-    if !deferred.is_empty() {
-        if let Err(error) = context.store.release_postback_leases(&deferred).await {
-            tracing::warn!(count = deferred.len(), %error, "cannot end the leases of deferred postbacks; they are sent when the leases end");
+
+    /// Starts a handed delivery, or lines it up behind its receiver's
+    /// attempts in flight. One that does not fit in the line keeps its
+    /// lease, and a pass over the store sends it when the lease ends.
+    fn start_handed(&mut self, handed: Handed) {
+        let host = host_key(&handed.postback.url);
+        if self.has_slot(&host) && !self.waiting.contains_key(&host) {
+            self.spawn_attempt(handed.postback, handed.body, host);
+        } else if self.waiting_count < MAX_WAITING {
+            self.waiting.entry(host).or_default().push_back(handed);
+            self.waiting_count += 1;
+        } else {
+            tracing::warn!(
+                postback_id = %handed.postback.id,
+                "too many postbacks wait for a slot; this one is sent when its lease ends"
+            );
         }
-        context.postback_wake.notify_one();
+    }
+
+    /// Hands a slot of `host` back and starts the deliveries waiting for
+    /// slots. Returns whether the store may hold deliveries for `host` that
+    /// the last pass left out because it had no free slot.
+    fn slot_freed(&mut self, host: &str) -> bool {
+        let Some(count) = self.per_host.get_mut(host) else {
+            return false;
+        };
+        let was_full = *count >= self.settings.max_in_flight_per_host;
+        *count -= 1;
+        if *count == 0 {
+            self.per_host.remove(host);
+        }
+        self.start_waiting();
+        was_full && !self.waiting.contains_key(host)
+    }
+
+    /// Starts waiting deliveries, oldest first per receiver, while slots
+    /// are free.
+    fn start_waiting(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let now = Millis::now();
+        let hosts: Vec<String> = self.waiting.keys().cloned().collect();
+        for host in hosts {
+            while self.has_slot(&host) {
+                let Some(line) = self.waiting.get_mut(&host) else {
+                    break;
+                };
+                let Some(handed) = line.pop_front() else {
+                    break;
+                };
+                if line.is_empty() {
+                    self.waiting.remove(&host);
+                }
+                self.waiting_count -= 1;
+                // An attempt must end within its lease, or another sender
+                // may take the delivery meanwhile; one whose lease is too
+                // short is left to the pass that follows the lease's end.
+                if now.saturating_add(self.settings.attempt_timeout) < handed.lease_until {
+                    self.spawn_attempt(handed.postback, handed.body, host.clone());
+                }
+            }
+        }
+    }
+
+    /// Starts one attempt of a leased delivery in a slot of its receiver.
+    fn spawn_attempt(&mut self, postback: DuePostback, body: String, host: String) {
+        *self.per_host.entry(host.clone()).or_default() += 1;
+        let slot = Slot {
+            host,
+            freed: self.freed.clone(),
+        };
+        let (client, settings, finished) = (
+            self.client.clone(),
+            self.settings.clone(),
+            self.finished.clone(),
+        );
+        self.tasks.spawn(async move {
+            // A panicking attempt still hands its receiver's slot back; its
+            // lease runs out and another attempt follows.
+            let id = postback.id;
+            let attempt = AssertUnwindSafe(async {
+                let outcome = deliver(&client, &settings, postback, body, slot).await;
+                // The recorder runs until the sender stops, after this task.
+                let _ = finished.send(outcome);
+            });
+            if attempt.catch_unwind().await.is_err() {
+                tracing::error!(postback_id = %id, "postback attempt panicked; it will be retried when its lease ends");
+            }
+        });
+    }
+
+    /// Reads due deliveries from the store, leases those whose receivers
+    /// have a free slot, and starts them.
+    async fn start_due(&mut self) {
+        let now = Millis::now();
+        let settings = self.settings.clone();
+        // Read more than there are free slots, because rows of receivers
+        // that reach their maximum during the pass are passed over.
+        let limit = settings.max_in_flight * 4;
+        // The lease outlives the attempt's deadline with room to record the
+        // outcome; a sender that dies mid-attempt frees the row when it ends.
+        // The sender keeps to the same per-receiver cap that `run::serve`
+        // gives the client, so attempts do not wait for a slot there and the
+        // deadline bounds the whole attempt.
+        // NOTE: the sender counts per origin and the client per host and
+        // port, so `http://h:8443` and `https://h:8443` together can make an
+        // attempt wait in the client and outlive its lease, which at worst
+        // sends it twice.
+        let lease_until = now.saturating_add(settings.attempt_timeout + LEASE_MARGIN);
+        // Receivers without a free slot are left out of the query. A full
+        // page in which a receiver ran out of slots may hide rows of other
+        // receivers, so the query runs again without it. Each repeat leaves
+        // out one more receiver, so the passes end.
+        loop {
+            let busy = busy_origins(&self.per_host, settings.max_in_flight_per_host);
+            let Some(due) = read_due(&self.context, now, &busy, limit).await else {
+                return;
+            };
+            let page_full = due.len() >= limit;
+            // Slots are counted while choosing, so that the cap per receiver
+            // holds within one page; the leases are then taken in one
+            // statement.
+            let mut chosen = Vec::new();
+            let mut counted: HashMap<String, usize> = HashMap::new();
+            for postback in due {
+                if self.tasks.len() + chosen.len() >= settings.max_in_flight {
+                    break;
+                }
+                let host = host_key(&postback.url);
+                let taken = counted.entry(host.clone()).or_default();
+                let in_flight = self.per_host.get(&host).copied().unwrap_or(0);
+                if in_flight + *taken >= settings.max_in_flight_per_host {
+                    continue;
+                }
+                *taken += 1;
+                chosen.push((postback, host));
+            }
+            let ids: Vec<_> = chosen.iter().map(|(postback, _)| postback.id).collect();
+            let leased = self
+                .context
+                .store
+                .lease_postbacks(&ids, now, lease_until)
+                .await;
+            let mut bodies = leased.unwrap_or_else(|error| {
+                tracing::warn!(count = ids.len(), %error, "cannot lease due postbacks");
+                HashMap::new()
+            });
+            let mut newly_busy = false;
+            for (postback, host) in chosen {
+                // A delivery another sender took since the read has no body.
+                if let Some(body) = bodies.remove(&postback.id) {
+                    self.spawn_attempt(postback, body, host.clone());
+                    newly_busy |= !self.has_slot(&host);
+                }
+            }
+            if self.tasks.len() >= settings.max_in_flight || !page_full || !newly_busy {
+                return;
+            }
+        }
     }
 }
 
-/// Where attempts hand back their receiver's slot and send their outcome.
-type Channels<'a> = (
-    &'a mpsc::UnboundedSender<String>,
-    &'a mpsc::UnboundedSender<FinishedAttempt>,
-);
-
-/// Starts one attempt of a leased delivery in a slot of its receiver,
-/// which the caller has counted.
-fn spawn_attempt(
-    (client, settings): (&PostbackClient, &Arc<SenderSettings>),
-    tasks: &mut JoinSet<()>,
-    (freed, finished): Channels<'_>,
-    (postback, body, host): (DuePostback, String, String),
-) {
-    let slot = Slot {
-        host,
-        freed: freed.clone(),
-    };
-    let (client, settings, finished) = (client.clone(), settings.clone(), finished.clone());
-    tasks.spawn(async move {
-        // A panicking attempt still hands its receiver's slot back; its
-        // lease runs out and another attempt follows.
-        let id = postback.id;
-        let attempt = AssertUnwindSafe(async {
-            let outcome = deliver(&client, &settings, postback, body, slot).await;
-            // The recorder runs until the sender stops, after this task.
-            let _ = finished.send(outcome);
-        });
-        if attempt.catch_unwind().await.is_err() {
-            tracing::error!(postback_id = %id, "postback attempt panicked; it will be retried when its lease ends");
-        }
-    });
+/// A delivery handed to the sender, leased to this process until
+/// `lease_until`.
+pub(super) struct Handed {
+    postback: DuePostback,
+    body: String,
+    lease_until: Millis,
 }
 
 /// Most attempt outcomes stored in one transaction.
@@ -286,21 +407,6 @@ async fn record(
     }
 }
 
-/// Hands a slot of `host` back. Returns whether the receiver had no free
-/// slot before, which means the store may hold deliveries for it that the
-/// last pass left out.
-fn release(per_host: &mut HashMap<String, usize>, host: &str, max_per_host: usize) -> bool {
-    let Some(count) = per_host.get_mut(host) else {
-        return false;
-    };
-    let was_full = *count >= max_per_host;
-    *count -= 1;
-    if *count == 0 {
-        per_host.remove(host);
-    }
-    was_full
-}
-
 /// A receiver's slot, held by one attempt while it talks to the receiver.
 /// Dropping it hands the slot back to the sender, also when the attempt
 /// panics.
@@ -314,84 +420,6 @@ impl Drop for Slot {
         // The sender's loop owns the receiving end until it stops, and then
         // no slot counts any more.
         let _ = self.freed.send(std::mem::take(&mut self.host));
-    }
-}
-
-async fn start_due(
-    context: &Arc<ServerContext>,
-    client: &PostbackClient,
-    settings: &Arc<SenderSettings>,
-    tasks: &mut JoinSet<()>,
-    per_host: &mut HashMap<String, usize>,
-    freed: &mpsc::UnboundedSender<String>,
-    finished: &mpsc::UnboundedSender<FinishedAttempt>,
-) {
-    let now = Millis::now();
-    // Read more than there are free slots, because rows of receivers that
-    // reach their maximum during the pass are passed over.
-    let limit = settings.max_in_flight * 4;
-    // The lease outlives the attempt's deadline with room to record the
-    // outcome; a sender that dies mid-attempt frees the row when it ends.
-    // This loop keeps to the same per-receiver cap that `run::serve` gives the
-    // client, so attempts do not wait for a slot there and the deadline bounds
-    // the whole attempt.
-    // NOTE: this loop counts per origin and the client per host and port, so
-    // `http://h:8443` and `https://h:8443` together can make an attempt wait
-    // in the client and outlive its lease, which at worst sends it twice.
-    let lease_until = now.saturating_add(settings.attempt_timeout + LEASE_MARGIN);
-    // Receivers without a free slot are left out of the query. A full page
-    // in which a receiver ran out of slots may hide rows of other receivers,
-    // so the query runs again without it. Each repeat leaves out one more
-    // receiver, so the passes end.
-    loop {
-        let busy = busy_origins(per_host, settings.max_in_flight_per_host);
-        let Some(due) = read_due(context, now, &busy, limit).await else {
-            return;
-        };
-        let page_full = due.len() >= limit;
-        // Slots are taken while choosing, so that the cap per receiver holds
-        // within one page; the leases are then taken in one statement.
-        let mut chosen = Vec::new();
-        for postback in due {
-            if tasks.len() + chosen.len() >= settings.max_in_flight {
-                break;
-            }
-            let host = host_key(&postback.url);
-            let slots = per_host.entry(host.clone()).or_default();
-            if *slots >= settings.max_in_flight_per_host {
-                continue;
-            }
-            *slots += 1;
-            chosen.push((postback, host));
-        }
-        let ids: Vec<_> = chosen.iter().map(|(postback, _)| postback.id).collect();
-        let mut bodies = match context.store.lease_postbacks(&ids, now, lease_until).await {
-            Ok(bodies) => bodies,
-            Err(error) => {
-                tracing::warn!(count = ids.len(), %error, "cannot lease due postbacks");
-                HashMap::new()
-            }
-        };
-        for (postback, host) in chosen {
-            let Some(body) = bodies.remove(&postback.id) else {
-                // Another sender took it, or the lease failed: hand the slot back.
-                release(per_host, &host, settings.max_in_flight_per_host);
-                continue;
-            };
-            spawn_attempt(
-                (client, settings),
-                tasks,
-                (freed, finished),
-                (postback, body, host),
-            );
-        }
-        if tasks.len() >= settings.max_in_flight {
-            return;
-        }
-        let newly_busy = busy_origins(per_host, settings.max_in_flight_per_host).len() > busy.len();
-        if !page_full || !newly_busy {
-            return;
-        }
     }
 }
 

@@ -106,7 +106,7 @@ async fn store(context: &ServerContext, changes: &[StatusChange]) -> Vec<bool> {
         .await;
     match batch {
         Ok((outcomes, postbacks)) => {
-            context.postback_handoff.hand(postbacks);
+            context.postback_handoff.hand(postbacks, lease_until);
             changes
                 .iter()
                 .zip(outcomes)

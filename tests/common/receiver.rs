@@ -49,6 +49,8 @@ pub enum Reply {
     WithHeaders(u16, Vec<(&'static str, String)>),
     /// Never answers.
     Hang,
+    /// Answers with a status after a pause.
+    After(Duration, u16),
 }
 
 #[derive(Clone, Default)]
@@ -56,6 +58,25 @@ struct Shared {
     received: Arc<Mutex<Vec<Received>>>,
     script: Arc<Mutex<VecDeque<Reply>>>,
     connections: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a request in flight while it lives.
+struct InFlight(Shared);
+
+impl InFlight {
+    fn start(shared: &Shared) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct Receiver {
@@ -124,6 +145,11 @@ impl Receiver {
     }
 
     /// TCP connections accepted, whether or not a request followed.
+    /// The most requests that were in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
     }
@@ -141,6 +167,7 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let _in_flight = InFlight::start(&shared);
     let reply = shared
         .script
         .lock()
@@ -148,7 +175,7 @@ async fn record(
         .pop_front()
         .unwrap_or(Reply::Status(200));
     let status = match &reply {
-        Reply::Status(code) | Reply::WithHeaders(code, _) => Some(*code),
+        Reply::Status(code) | Reply::WithHeaders(code, _) | Reply::After(_, code) => Some(*code),
         Reply::Hang => None,
     };
     shared.received.lock().unwrap().push(Received {
@@ -177,6 +204,12 @@ async fn record(
         Reply::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::OK.into_response()
+        }
+        Reply::After(pause, code) => {
+            tokio::time::sleep(pause).await;
+            StatusCode::from_u16(code)
+                .expect("valid status")
+                .into_response()
         }
     }
 }
