@@ -475,6 +475,60 @@ async fn busy_receiver_gets_its_backlog_within_its_slots() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn long_backlog_to_one_receiver_drains_at_its_pace() {
+    // One slot and 100 ms answers make the last of 80 postbacks wait about
+    // 8 s, longer than a lease (the 1 s attempt timeout plus 5 s), so most
+    // deliveries go back to the store and come out of it again. The backlog
+    // must still drain at the receiver's pace, one attempt at a time.
+    const COMMANDS: usize = 80;
+    const PAUSE: Duration = Duration::from_millis(100);
+    let receiver = Receiver::start().await;
+    receiver.script(std::iter::repeat_n(Reply::After(PAUSE, 200), COMMANDS));
+    let mut env = TestEnv::new(BrokerKind::Memory).await;
+    env.set_serve_flag("--postback-max-per-receiver", "1");
+    env.set_serve_flag("--postback-timeout", "1s");
+    let devices: Vec<String> = (0..COMMANDS).map(|n| format!("backlog-{n}")).collect();
+    let device_names: Vec<&str> = devices.iter().map(String::as_str).collect();
+    let server = env.serve(&device_names).await;
+
+    let started = Instant::now();
+    for device in &devices {
+        server
+            .create_echo(device, &json!({ "device": device }), Some(&receiver.url))
+            .await;
+    }
+    let all_arrived = wait_until(DEADLINE, || async { receiver.count() >= COMMANDS }).await;
+    let elapsed = started.elapsed();
+    assert!(
+        all_arrived,
+        "receiver got {} of {COMMANDS} postbacks within {DEADLINE:?}",
+        receiver.count()
+    );
+    assert_eq!(
+        receiver.max_in_flight(),
+        1,
+        "most postbacks in flight at once"
+    );
+    // 80 answers of 100 ms take 8 s; idle gaps of a poll interval or a lease
+    // would add seconds.
+    assert!(
+        elapsed < Duration::from_secs(12),
+        "all postbacks took {elapsed:?}"
+    );
+    let ids: BTreeSet<String> = receiver
+        .received()
+        .iter()
+        .map(|received| {
+            received.json()["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), COMMANDS, "each command posted once");
+}
+
 /// Names that /etc/hosts maps only to loopback addresses, other than the
 /// `localhost` names, which the create request already rejects. Looking
 /// them up reads the hosts file and sends no DNS query where the hosts file

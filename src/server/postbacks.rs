@@ -114,15 +114,18 @@ pub async fn run(
         tasks: JoinSet::new(),
         per_host: HashMap::new(),
         waiting: HashMap::new(),
-        waiting_count: 0,
+        to_release: Vec::new(),
         freed: freed_sender,
         finished: finished_sender,
     };
     // Whether the store may hold deliveries this sender can start: set when
-    // something wakes it, at the idle poll, and when a receiver that had no
-    // free slot (and so was left out of the last pass) frees one with no
-    // handed delivery waiting for it.
+    // something wakes it, at the idle poll, and when a receiver frees a slot
+    // that nothing in memory waits for.
     let mut scan = true;
+    // A timer of its own, so that a steady stream of other events cannot
+    // keep postponing the poll that finds retries falling due.
+    let mut poll = tokio::time::interval(IDLE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let woken = wake.notified();
         tokio::pin!(woken);
@@ -134,6 +137,15 @@ pub async fn run(
         while let Ok(postback) = handed.try_recv() {
             sender.start_handed(postback);
         }
+        // Deliveries this sender holds leased but will not start soon go
+        // back to the store, where the next pass finds them in due order.
+        if !sender.to_release.is_empty() {
+            let ids = std::mem::take(&mut sender.to_release);
+            if let Err(error) = sender.context.store.release_postback_leases(&ids).await {
+                tracing::warn!(count = ids.len(), %error, "cannot end the leases of deferred postbacks; they are sent when the leases end");
+            }
+            scan = true;
+        }
         if scan && sender.tasks.len() < sender.settings.max_in_flight {
             scan = false;
             sender.start_due().await;
@@ -142,7 +154,7 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = &mut woken => scan = true,
-            () = tokio::time::sleep(IDLE_POLL) => scan = true,
+            _ = poll.tick() => scan = true,
             Some(host) = freed.recv() => scan |= sender.slot_freed(&host),
             Some(postback) = handed.recv() => sender.start_handed(postback),
             Some(finished) = sender.tasks.join_next(), if !sender.tasks.is_empty() => {
@@ -188,11 +200,6 @@ pub async fn run(
     tracing::info!("postback sender stopped");
 }
 
-/// Most handed deliveries waiting in memory for a slot, across receivers.
-/// More are left to the store, from which a pass takes them once their
-/// lease ends.
-const MAX_WAITING: usize = 4096;
-
 /// The sender's state between passes.
 struct Sender {
     context: Arc<ServerContext>,
@@ -201,10 +208,13 @@ struct Sender {
     tasks: JoinSet<()>,
     /// Attempts in flight per receiver, in the form of [`host_key`].
     per_host: HashMap<String, usize>,
-    /// Handed deliveries waiting for a slot of their receiver, oldest
-    /// first; they stay leased meanwhile.
+    /// Leased deliveries waiting for a slot of their receiver, oldest first:
+    /// at most as many per receiver as it has slots, so that each starts
+    /// long before its lease ends.
     waiting: HashMap<String, VecDeque<Handed>>,
-    waiting_count: usize,
+    /// Leased deliveries this sender will not start soon, whose leases the
+    /// loop ends so that the store's due order decides when they go.
+    to_release: Vec<Uuid>,
     freed: mpsc::UnboundedSender<String>,
     finished: mpsc::UnboundedSender<FinishedAttempt>,
 }
@@ -216,21 +226,23 @@ impl Sender {
             && self.per_host.get(host).copied().unwrap_or(0) < self.settings.max_in_flight_per_host
     }
 
+    /// How many more deliveries `host` may have waiting in memory.
+    fn line_room(&self, host: &str) -> usize {
+        let waiting = self.waiting.get(host).map_or(0, VecDeque::len);
+        self.settings.max_in_flight_per_host.saturating_sub(waiting)
+    }
+
     /// Starts a handed delivery, or lines it up behind its receiver's
-    /// attempts in flight. One that does not fit in the line keeps its
-    /// lease, and a pass over the store sends it when the lease ends.
+    /// attempts in flight when the line has room; otherwise hands it back to
+    /// the store.
     fn start_handed(&mut self, handed: Handed) {
         let host = host_key(&handed.postback.url);
         if self.has_slot(&host) && !self.waiting.contains_key(&host) {
             self.spawn_attempt(handed.postback, handed.body, host);
-        } else if self.waiting_count < MAX_WAITING {
+        } else if self.line_room(&host) > 0 {
             self.waiting.entry(host).or_default().push_back(handed);
-            self.waiting_count += 1;
         } else {
-            tracing::warn!(
-                postback_id = %handed.postback.id,
-                "too many postbacks wait for a slot; this one is sent when its lease ends"
-            );
+            self.to_release.push(handed.postback.id);
         }
     }
 
@@ -269,12 +281,12 @@ impl Sender {
                 if line.is_empty() {
                     self.waiting.remove(&host);
                 }
-                self.waiting_count -= 1;
                 // An attempt must end within its lease, or another sender
-                // may take the delivery meanwhile; one whose lease is too
-                // short is left to the pass that follows the lease's end.
+                // may take the delivery meanwhile.
                 if now.saturating_add(self.settings.attempt_timeout) < handed.lease_until {
                     self.spawn_attempt(handed.postback, handed.body, host.clone());
+                } else {
+                    self.to_release.push(handed.postback.id);
                 }
             }
         }
@@ -330,14 +342,14 @@ impl Sender {
         // receivers, so the query runs again without it. Each repeat leaves
         // out one more receiver, so the passes end.
         loop {
-            let busy = busy_origins(&self.per_host, settings.max_in_flight_per_host);
+            let busy = self.busy_origins();
             let Some(due) = read_due(&self.context, now, &busy, limit).await else {
                 return;
             };
             let page_full = due.len() >= limit;
-            // Slots are counted while choosing, so that the cap per receiver
-            // holds within one page; the leases are then taken in one
-            // statement.
+            // Each receiver takes as many as it has free slots plus room in
+            // its line, counted while choosing so that the caps hold within
+            // one page; the leases are then taken in one statement.
             let mut chosen = Vec::new();
             let mut counted: HashMap<String, usize> = HashMap::new();
             for postback in due {
@@ -347,7 +359,8 @@ impl Sender {
                 let host = host_key(&postback.url);
                 let taken = counted.entry(host.clone()).or_default();
                 let in_flight = self.per_host.get(&host).copied().unwrap_or(0);
-                if in_flight + *taken >= settings.max_in_flight_per_host {
+                let free = settings.max_in_flight_per_host.saturating_sub(in_flight);
+                if *taken >= free + self.line_room(&host) {
                     continue;
                 }
                 *taken += 1;
@@ -366,15 +379,42 @@ impl Sender {
             let mut newly_busy = false;
             for (postback, host) in chosen {
                 // A delivery another sender took since the read has no body.
-                if let Some(body) = bodies.remove(&postback.id) {
+                let Some(body) = bodies.remove(&postback.id) else {
+                    continue;
+                };
+                if self.has_slot(&host) && !self.waiting.contains_key(&host) {
                     self.spawn_attempt(postback, body, host.clone());
-                    newly_busy |= !self.has_slot(&host);
+                } else {
+                    self.waiting
+                        .entry(host.clone())
+                        .or_default()
+                        .push_back(Handed {
+                            postback,
+                            body,
+                            lease_until,
+                        });
                 }
+                newly_busy |= self.line_room(&host) == 0;
             }
             if self.tasks.len() >= settings.max_in_flight || !page_full || !newly_busy {
                 return;
             }
         }
+    }
+
+    /// Origins of the receivers that can take nothing more now (no free
+    /// slot and a full line), in the form of [`host_key`], without the empty
+    /// key of unparsable URLs.
+    fn busy_origins(&self) -> Vec<String> {
+        self.per_host
+            .iter()
+            .filter(|(origin, count)| {
+                !origin.is_empty()
+                    && **count >= self.settings.max_in_flight_per_host
+                    && self.line_room(origin) == 0
+            })
+            .map(|(origin, _)| origin.clone())
+            .collect()
     }
 }
 
@@ -437,16 +477,6 @@ async fn read_due(
             None
         }
     }
-}
-
-/// Origins of the receivers that have no free slot, in the form of
-/// [`host_key`], without the empty key of unparsable URLs.
-fn busy_origins(per_host: &HashMap<String, usize>, max_per_host: usize) -> Vec<String> {
-    per_host
-        .iter()
-        .filter(|(origin, count)| !origin.is_empty() && **count >= max_per_host)
-        .map(|(origin, _)| origin.clone())
-        .collect()
 }
 
 /// Returns the receiver of a URL as its origin, such as `https://example.com`
@@ -611,15 +641,5 @@ mod tests {
     fn host_key_of_invalid_url_is_empty() {
         assert_eq!(host_key("not a url"), "");
         assert_eq!(host_key("mailto:hooks@example.com"), "");
-    }
-
-    #[test]
-    fn busy_origins_lists_full_hosts_only() {
-        let per_host = HashMap::from([
-            ("http://a.example".to_owned(), 4),
-            ("http://b.example".to_owned(), 3),
-            (String::new(), 4),
-        ]);
-        assert_eq!(busy_origins(&per_host, 4), ["http://a.example"]);
     }
 }
