@@ -115,6 +115,7 @@ pub async fn run(
         per_host: HashMap::new(),
         waiting: HashMap::new(),
         to_release: Vec::new(),
+        backlog: false,
         freed: freed_sender,
         finished: finished_sender,
     };
@@ -137,24 +138,22 @@ pub async fn run(
         while let Ok(postback) = handed.try_recv() {
             sender.start_handed(postback);
         }
-        // Deliveries this sender holds leased but will not start soon go
-        // back to the store, where the next pass finds them in due order.
-        if !sender.to_release.is_empty() {
-            let ids = std::mem::take(&mut sender.to_release);
-            if let Err(error) = sender.context.store.release_postback_leases(&ids).await {
-                tracing::warn!(count = ids.len(), %error, "cannot end the leases of deferred postbacks; they are sent when the leases end");
-            }
-            scan = true;
-        }
         if scan && sender.tasks.len() < sender.settings.max_in_flight {
             scan = false;
+            // Deliveries this sender holds leased but will not start soon go
+            // back to the store first, so that the pass takes them in due
+            // order with the rest.
+            sender.release_deferred().await;
             sender.start_due().await;
         }
         let full = sender.tasks.len() >= sender.settings.max_in_flight;
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = &mut woken => scan = true,
-            _ = poll.tick() => scan = true,
+            _ = poll.tick() => {
+                sender.release_deferred().await;
+                scan = true;
+            }
             Some(host) = freed.recv() => scan |= sender.slot_freed(&host),
             Some(postback) = handed.recv() => sender.start_handed(postback),
             Some(finished) = sender.tasks.join_next(), if !sender.tasks.is_empty() => {
@@ -213,8 +212,13 @@ struct Sender {
     /// long before its lease ends.
     waiting: HashMap<String, VecDeque<Handed>>,
     /// Leased deliveries this sender will not start soon, whose leases the
-    /// loop ends so that the store's due order decides when they go.
+    /// loop ends before its next pass so that the store's due order decides
+    /// when they go.
     to_release: Vec<Uuid>,
+    /// Whether the store likely holds due deliveries beyond what the lines
+    /// hold: the last pass filled a line, or deliveries went back to the
+    /// store since. While it is set, a line running low starts a pass.
+    backlog: bool,
     freed: mpsc::UnboundedSender<String>,
     finished: mpsc::UnboundedSender<FinishedAttempt>,
 }
@@ -226,10 +230,29 @@ impl Sender {
             && self.per_host.get(host).copied().unwrap_or(0) < self.settings.max_in_flight_per_host
     }
 
+    /// Most leased deliveries one receiver may have waiting in memory: a
+    /// few rounds of its slots, which it works through long before their
+    /// leases end, and which spare a pass over the store for each slot
+    /// that frees.
+    fn line_capacity(&self) -> usize {
+        4 * self.settings.max_in_flight_per_host
+    }
+
     /// How many more deliveries `host` may have waiting in memory.
     fn line_room(&self, host: &str) -> usize {
         let waiting = self.waiting.get(host).map_or(0, VecDeque::len);
-        self.settings.max_in_flight_per_host.saturating_sub(waiting)
+        self.line_capacity().saturating_sub(waiting)
+    }
+
+    /// Ends the leases of the deliveries set aside for the store.
+    async fn release_deferred(&mut self) {
+        if self.to_release.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.to_release);
+        if let Err(error) = self.context.store.release_postback_leases(&ids).await {
+            tracing::warn!(count = ids.len(), %error, "cannot end the leases of deferred postbacks; they are sent when the leases end");
+        }
     }
 
     /// Starts a handed delivery, or lines it up behind its receiver's
@@ -243,6 +266,7 @@ impl Sender {
             self.waiting.entry(host).or_default().push_back(handed);
         } else {
             self.to_release.push(handed.postback.id);
+            self.backlog = true;
         }
     }
 
@@ -259,7 +283,8 @@ impl Sender {
             self.per_host.remove(host);
         }
         self.start_waiting();
-        was_full && !self.waiting.contains_key(host)
+        let low = self.line_room(host) >= self.line_capacity() / 2;
+        (was_full && !self.waiting.contains_key(host)) || (self.backlog && low)
     }
 
     /// Starts waiting deliveries, oldest first per receiver, while slots
@@ -287,6 +312,7 @@ impl Sender {
                     self.spawn_attempt(handed.postback, handed.body, host.clone());
                 } else {
                     self.to_release.push(handed.postback.id);
+                    self.backlog = true;
                 }
             }
         }
@@ -396,6 +422,7 @@ impl Sender {
                 }
                 newly_busy |= self.line_room(&host) == 0;
             }
+            self.backlog = page_full || newly_busy;
             if self.tasks.len() >= settings.max_in_flight || !page_full || !newly_busy {
                 return;
             }
