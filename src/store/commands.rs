@@ -234,7 +234,7 @@ impl Store {
                 command_columns!(),
                 super::placeholders(1, chunk.len(), 1)
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = super::dynamic_query(sql);
             for id in chunk {
                 query = query.bind(id.to_string());
             }
@@ -451,7 +451,7 @@ async fn update_commands(
              FROM (VALUES {}) AS v WHERE commands.id = v.column1",
             super::placeholders(1, chunk.len(), 5)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = super::dynamic_query(sql);
         for command in chunk {
             query = query
                 .bind(command.id.to_string())
@@ -475,7 +475,7 @@ async fn insert_transitions(
             "INSERT INTO command_transitions (command_id, status, at, source, error) VALUES {}",
             super::placeholders(1, chunk.len(), 5)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = super::dynamic_query(sql);
         for change in chunk {
             query = query
                 .bind(change.command_id.to_string())
@@ -501,7 +501,7 @@ async fn transition_counts(
              WHERE command_id IN ({}) GROUP BY command_id",
             super::placeholders(1, chunk.len(), 1)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = super::dynamic_query(sql);
         for id in chunk {
             query = query.bind(id.to_string());
         }
@@ -525,7 +525,7 @@ async fn insert_postbacks(
              next_attempt_at, created_at, lease_until) VALUES {}",
             super::placeholders(1, chunk.len(), 10)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = super::dynamic_query(sql);
         for postback in chunk {
             query = query
                 .bind(postback.id.to_string())
@@ -589,7 +589,7 @@ pub(super) async fn insert_commands_rows(
              last_action_at, expires_at) VALUES {}",
             super::placeholders(1, chunk.len(), 13)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = super::dynamic_query(sql);
         for command in chunk {
             query = query
                 .bind(command.id.to_string())
@@ -612,7 +612,7 @@ pub(super) async fn insert_commands_rows(
             "INSERT INTO command_transitions (command_id, status, at, source, error) VALUES {}",
             super::placeholders(1, chunk.len(), 5)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = super::dynamic_query(sql);
         for command in chunk {
             query = query
                 .bind(command.id.to_string())
@@ -627,7 +627,7 @@ pub(super) async fn insert_commands_rows(
             "INSERT INTO outbox (command_id, device_id, available_at) VALUES {}",
             super::placeholders(1, chunk.len(), 3)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = super::dynamic_query(sql);
         for command in chunk {
             query = query
                 .bind(command.id.to_string())

@@ -306,7 +306,7 @@ impl Store {
                  AND status IN ('queued', 'sentToTarget', 'executing') GROUP BY device_id",
                 super::placeholders(1, chunk.len(), 1)
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = super::dynamic_query(sql);
             for device in chunk {
                 query = query.bind(device.to_string());
             }

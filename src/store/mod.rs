@@ -212,11 +212,16 @@ fn sqlite_pool(url: &str, size: u32, acquire_timeout: Duration) -> anyhow::Resul
                 // WAL lets readers run beside the writer. NORMAL sync in WAL
                 // mode loses no committed transaction when a process crashes;
                 // only a power loss or OS crash can drop the last commits.
+                // Each connection keeps a page cache of its own (2 MiB by
+                // default); the operating system caches the file anyway, so
+                // 256 KiB each keeps the server's memory flat when a burst
+                // brings every pooled connection into use.
                 for pragma in [
                     "PRAGMA journal_mode = WAL",
                     "PRAGMA synchronous = NORMAL",
                     "PRAGMA busy_timeout = 10000",
                     "PRAGMA foreign_keys = ON",
+                    "PRAGMA cache_size = -256",
                 ] {
                     sqlx::query(pragma).execute(&mut *connection).await?;
                 }
@@ -259,6 +264,15 @@ fn command_from_row(row: &AnyRow) -> Result<Command, StoreError> {
 /// stays well below the bound parameters SQLite (32,766) and PostgreSQL
 /// (65,535) allow.
 const MAX_ROWS_PER_STATEMENT: usize = 500;
+
+/// A query whose text is built at run time from numbered placeholders only
+/// (see [`placeholders`]). It is not kept in the connection's statement
+/// cache: its text changes with the number of rows, and caching every
+/// variant would grow each connection's memory for statements rarely used
+/// again.
+fn dynamic_query(sql: String) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false)
+}
 
 /// Numbered placeholders for `rows` rows of `columns` values each, starting
 /// at `$first`: `($1, $2), ($3, $4)` for 2 rows of 2. With one column the

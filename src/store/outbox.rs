@@ -54,7 +54,7 @@ impl Store {
                 "DELETE FROM outbox WHERE id IN ({})",
                 super::placeholders(1, chunk.len(), 1)
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = super::dynamic_query(sql);
             for id in chunk {
                 query = query.bind(id);
             }

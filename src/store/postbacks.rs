@@ -108,9 +108,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<DuePostback>, StoreError> {
         let sql = due_sql(skipped_origins.len());
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(now.0)
-            .bind(limit);
+        let mut query = super::dynamic_query(sql).bind(now.0).bind(limit);
         for origin in skipped_origins {
             query = query.bind(format!("{}/%", escape_like(origin)));
         }
@@ -151,7 +149,7 @@ impl Store {
              RETURNING id, body",
             super::placeholders(4, ids.len(), 1)
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let mut query = super::dynamic_query(sql)
             .bind(PENDING)
             .bind(now.0)
             .bind(until.0);
@@ -175,7 +173,7 @@ impl Store {
                 "UPDATE postbacks SET lease_until = NULL WHERE state = 'pending' AND id IN ({})",
                 super::placeholders(1, chunk.len(), 1)
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = super::dynamic_query(sql);
             for id in chunk {
                 query = query.bind(id.to_string());
             }
@@ -203,7 +201,7 @@ impl Store {
                  (postback_id, attempt, at, status_code, outcome, error, duration_ms) VALUES {}",
                 super::placeholders(1, chunk.len(), 7)
             );
-            let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut insert = super::dynamic_query(sql);
             for finished in chunk {
                 let attempt = &finished.attempt;
                 insert = insert
@@ -226,7 +224,7 @@ impl Store {
                  FROM (VALUES {}) AS v WHERE postbacks.id = v.column1",
                 super::placeholders(1, chunk.len(), 7)
             );
-            let mut update = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut update = super::dynamic_query(sql);
             for finished in chunk {
                 let attempt = &finished.attempt;
                 let finished_at = finished.next_attempt_at.is_none().then_some(attempt.at.0);
@@ -488,9 +486,7 @@ mod tests {
         let (store, _) = store_with_delivery(&dir).await;
         for skipped in [0, 2] {
             let sql = format!("EXPLAIN QUERY PLAN {}", due_sql(skipped));
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(0_i64)
-                .bind(10_i64);
+            let mut query = crate::store::dynamic_query(sql).bind(0_i64).bind(10_i64);
             for _ in 0..skipped {
                 query = query.bind("http://a.example/%");
             }
