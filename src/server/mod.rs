@@ -171,7 +171,7 @@ impl Service {
             .await;
         shutdown.cancel();
         // Workers finish their current step, which takes at most one
-        // postback attempt's deadline; a bound keeps a stuck one (a publish
+        // postback attempt's deadline. The bound keeps a stuck step (a publish
         // waiting for an overloaded broker's confirm) from blocking the exit.
         if tokio::time::timeout(WORKER_STOP_BOUND, async {
             while tasks.join_next().await.is_some() {}

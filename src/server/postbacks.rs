@@ -101,7 +101,7 @@ pub async fn run(
         return;
     };
     // Attempts hand their receiver's slot back here as soon as the receiver
-    // answered, before the outcome is stored.
+    // responded, before the outcome is stored.
     let (freed_sender, mut freed) = mpsc::unbounded_channel::<String>();
     // Attempts send their outcome to one recorder, which stores the
     // outcomes that wait together in one transaction.

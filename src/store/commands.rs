@@ -97,10 +97,10 @@ impl Store {
     /// write fails, none is stored.
     ///
     /// The transaction takes a fixed number of statements whatever the
-    /// number of changes: one read of every command involved (locking the
-    /// rows in id order on PostgreSQL, so concurrent batches never
-    /// deadlock), one update of the moved commands, one insert of their
-    /// transitions, and, when postbacks are due, one count and one insert.
+    /// number of changes. It reads every command involved once, locking the
+    /// rows in id order on PostgreSQL so that concurrent batches cannot
+    /// deadlock. It updates the moved commands in one statement and inserts
+    /// their transitions in one; due postbacks add one count and one insert.
     pub async fn apply_statuses(
         &self,
         changes: &[StatusChange],

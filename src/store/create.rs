@@ -221,8 +221,8 @@ struct PendingCreate {
 }
 
 /// The queue of creates without an idempotency key, on SQLite. Each create
-/// costs the single writer connection a transaction of five statements; the
-/// creates that wait together share one, which keeps the writer free for the
+/// costs the single writer connection a transaction of five statements. The
+/// creates that wait together share one, so the writer stays free for the
 /// relay, the report worker and the postback sender under load. A create that
 /// finds the queue empty is stored at once, so it waits no longer than it
 /// would without the queue.
@@ -256,7 +256,7 @@ impl CreateQueue {
 }
 
 impl Store {
-    /// Stores a batch of creates in one transaction and answers each. If
+    /// Stores a batch of creates in one transaction and replies to each. If
     /// the transaction fails, each create is tried alone, so that one create
     /// the store refuses does not fail the others.
     async fn create_batch(&self, batch: Vec<PendingCreate>) {
@@ -367,7 +367,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn concurrent_creates_keep_the_device_limit_and_their_order() {
+    async fn batched_creates_keep_device_limit() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!(
             "sqlite://{}?mode=rwc",

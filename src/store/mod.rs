@@ -212,8 +212,8 @@ fn sqlite_pool(url: &str, size: u32, acquire_timeout: Duration) -> anyhow::Resul
                 // WAL lets readers run beside the writer. NORMAL sync in WAL
                 // mode loses no committed transaction when a process crashes;
                 // only a power loss or OS crash can drop the last commits.
-                // Each connection keeps a page cache of its own (2 MiB by
-                // default); the operating system caches the file anyway, so
+                // Each connection keeps a page cache of its own, 2 MiB by
+                // default. The operating system caches the file anyway, so
                 // 256 KiB each keeps the server's memory flat when a burst
                 // brings every pooled connection into use.
                 for pragma in [
