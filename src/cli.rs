@@ -148,6 +148,11 @@ pub struct ServeArgs {
     /// it, such as 24h; a sweep deletes older keys.
     #[arg(long, env = "DISPATCHER_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_positive_duration)]
     pub idempotency_ttl: Duration,
+
+    /// Time for a request from its headers to the response, the body's
+    /// arrival included; a request over it gets 408.
+    #[arg(long, env = "DISPATCHER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

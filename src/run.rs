@@ -68,6 +68,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         postback_wake: Arc::new(Notify::new()),
         max_unfinished_per_device: args.max_unfinished_per_device,
         idempotency_ttl: args.idempotency_ttl,
+        request_timeout: args.request_timeout,
     };
     let context = Arc::new(ServerContext {
         store,

@@ -613,3 +613,48 @@ async fn malformed_requests_get_precise_errors() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_body_gets_408() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut env = TestEnv::new(BrokerKind::Memory).await;
+    env.set_serve_flag("--request-timeout", "1s");
+    let server = env.serve(&[]).await;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    // The headers promise 1000 bytes, and the client sends 9 and stops.
+    let head = format!(
+        "POST {DEVICE_COMMANDS} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"Type\":",
+        server.token
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let count = stream.read(&mut buffer).await.unwrap_or(0);
+            if count == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buffer[..count]);
+            if answer.windows(2).any(|pair| pair == b"}}") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 10 s");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"requestTimeout\""), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -19,6 +19,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Request, StatusCode};
 use axum::middleware;
+use axum::response::IntoResponse;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub max_unfinished_per_device: u32,
     /// How long an `Idempotency-Key` is remembered after its create.
     pub idempotency_ttl: Duration,
+    /// Time for a request from its headers to the response.
+    pub request_timeout: Duration,
 }
 
 /// Largest accepted request body in bytes. RabbitMQ 3.10 accepts messages of
@@ -66,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(middleware::from_fn(request_id::annotate_errors))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
@@ -88,6 +92,33 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
+}
+
+/// Responds with 408 to a request that is not received and handled within
+/// `--request-timeout`, so that a client that stops sending its body does
+/// not hold its connection for ever.
+// NOTE: a client that stops in the middle of its headers is not reached
+// here, because the request only exists once its headers are complete.
+async fn deadline(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request<axum::body::Body>,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let limit = state.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(?limit, "request not received and handled in time");
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "requestTimeout",
+                format!(
+                    "the request was not received and handled within {limit:?}; send the whole body at once and retry"
+                ),
+            )
+            .into_response()
+        }
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {
