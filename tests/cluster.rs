@@ -181,7 +181,7 @@ async fn node_outage_fails_over() {
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
     for id in &ids {
         // NOTE: once, in a CI run on PostgreSQL on a loaded machine, one
-        // command stayed `executing` past this deadline; nine later runs did
+        // command stayed `executing` past this deadline. The runs since did
         // not repeat it, and the cause was not found.
         let done = server.wait_final(id, Duration::from_secs(120)).await;
         *statuses
