@@ -467,7 +467,7 @@ async fn busy_receiver_gets_its_backlog_within_its_slots() {
         SLOTS,
         "most postbacks in flight at once"
     );
-    // 40 answers of 50 ms over 2 slots take 1 s; a delivery left to its
+    // 40 responses of 50 ms over 2 slots take 1 s; a delivery left to its
     // lease's end would arrive after 15 s.
     assert!(
         elapsed < Duration::from_secs(8),
@@ -476,8 +476,8 @@ async fn busy_receiver_gets_its_backlog_within_its_slots() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn long_backlog_to_one_receiver_drains_at_its_pace() {
-    // One slot and 100 ms answers make the last of 80 postbacks wait about
+async fn backlog_drains_at_receiver_pace() {
+    // One slot and 100 ms responses make the last of 80 postbacks wait about
     // 8 s, longer than a lease (the 1 s attempt timeout plus 5 s), so most
     // deliveries go back to the store and come out of it again. The backlog
     // must still drain at the receiver's pace, one attempt at a time.
@@ -510,7 +510,7 @@ async fn long_backlog_to_one_receiver_drains_at_its_pace() {
         1,
         "most postbacks in flight at once"
     );
-    // 80 answers of 100 ms take 8 s; idle gaps of a poll interval or a lease
+    // 80 responses of 100 ms take 8 s; idle gaps of a poll interval or a lease
     // would add seconds.
     assert!(
         elapsed < Duration::from_secs(12),

@@ -38,8 +38,8 @@ pub struct Handoff {
 }
 
 impl Handoff {
-    /// A handoff whose leases cover one attempt of `attempt_timeout` and
-    /// the recording of its outcome.
+    /// Creates a handoff whose leases cover one attempt of `attempt_timeout`
+    /// and the recording of its outcome.
     pub fn new(attempt_timeout: Duration) -> Self {
         let (sender, receiver) = mpsc::unbounded_channel();
         Self {
@@ -49,7 +49,7 @@ impl Handoff {
         }
     }
 
-    /// The end of a lease taken now.
+    /// Returns the end of a lease taken at `now`.
     pub fn lease_until(&self, now: Millis) -> Millis {
         now.saturating_add(self.lease)
     }
@@ -215,8 +215,7 @@ struct Sender {
     /// loop ends before its next pass so that the store's due order decides
     /// when they go.
     to_release: Vec<Uuid>,
-    /// Whether the store likely holds due deliveries beyond what the lines
-    /// hold: the last pass filled a line, or deliveries went back to the
+    /// Whether the store likely contains due deliveries beyond the lines: the last pass filled a line, or deliveries went back to the
     /// store since. While it is set, a line running low starts a pass.
     backlog: bool,
     freed: mpsc::UnboundedSender<String>,
@@ -224,7 +223,7 @@ struct Sender {
 }
 
 impl Sender {
-    /// Whether one more attempt to `host` may start now.
+    /// Returns whether one more attempt to `host` may start now.
     fn has_slot(&self, host: &str) -> bool {
         self.tasks.len() < self.settings.max_in_flight
             && self.per_host.get(host).copied().unwrap_or(0) < self.settings.max_in_flight_per_host
@@ -238,7 +237,7 @@ impl Sender {
         4 * self.settings.max_in_flight_per_host
     }
 
-    /// How many more deliveries `host` may have waiting in memory.
+    /// Returns how many more deliveries `host` may have waiting in memory.
     fn line_room(&self, host: &str) -> usize {
         let waiting = self.waiting.get(host).map_or(0, VecDeque::len);
         self.line_capacity().saturating_sub(waiting)
@@ -256,7 +255,7 @@ impl Sender {
     }
 
     /// Starts a handed delivery, or lines it up behind its receiver's
-    /// attempts in flight when the line has room; otherwise hands it back to
+    /// attempts in flight when the line has room. Otherwise it goes back to
     /// the store.
     fn start_handed(&mut self, handed: Handed) {
         let host = host_key(&handed.postback.url);

@@ -283,26 +283,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         debug_assert!(command.status.can_move_to(change.status));
         move_in_memory(command, change);
-        sqlx::query(
-            "UPDATE commands SET status = $2, error = $3, response_payload = $4, last_action_at = $5 \
-             WHERE id = $1",
-        )
-        .bind(command.id.to_string())
-        .bind(command.status.as_str())
-        .bind(&command.error)
-        .bind(&command.response_payload)
-        .bind(change.at.0)
-        .execute(&mut **tx)
-        .await?;
-        insert_transition(
-            tx,
-            command.id,
-            change.status,
-            change.at,
-            &change.source,
-            change.error.as_deref(),
-        )
-        .await?;
+        update_commands(tx, &[&*command]).await?;
+        insert_transitions(tx, &[change]).await?;
         if let Some(url) = command.postback_uri.clone()
             && notify(change.status)
         {
@@ -375,27 +357,6 @@ impl Store {
             })
             .collect()
     }
-}
-
-async fn insert_transition(
-    tx: &mut Transaction<'_, Any>,
-    id: Uuid,
-    status: CommandStatus,
-    at: Millis,
-    source: &str,
-    error: Option<&str>,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO command_transitions (command_id, status, at, source, error) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(id.to_string())
-    .bind(status.as_str())
-    .bind(at.0)
-    .bind(source)
-    .bind(error)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 /// Returns how many transitions a command has, which numbers its postbacks.
@@ -641,31 +602,10 @@ pub(super) async fn insert_commands_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::CommandType;
-    use crate::store::PoolSettings;
-
-    async fn sqlite_store(dir: &tempfile::TempDir) -> Store {
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("store.db").display()
-        );
-        Store::connect(&url, &PoolSettings::default())
-            .await
-            .unwrap()
-    }
+    use crate::store::test_support::{echo_command, sqlite_store};
 
     async fn queued(store: &Store, device: &str) -> Command {
-        let new = NewCommand {
-            device_id: DeviceId::parse(device).unwrap(),
-            owner: "owner".into(),
-            command_type: CommandType::AppService,
-            app_service_name: Some("echo".into()),
-            package_family_name: None,
-            payload: None,
-            permission_ticket: None,
-            postback_uri: Some("http://127.0.0.1:9/hooks".into()),
-            expires_at: None,
-        };
+        let new = echo_command(device, None, Some("http://127.0.0.1:9/hooks"));
         store.insert_command(new).await.unwrap()
     }
 
@@ -682,7 +622,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn batch_applies_each_command_in_order_and_reports_each_outcome() {
+    async fn batch_applies_changes_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let store = sqlite_store(&dir).await;
         let first = queued(&store, "d1").await;

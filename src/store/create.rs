@@ -285,8 +285,9 @@ impl Store {
         }
     }
 
-    /// The unfinished-command limit applies in the order of `requests`,
-    /// counting the commands that earlier requests of the batch add.
+    /// Stores `requests` in one transaction. The unfinished-command limit
+    /// applies in the order of `requests`, counting the commands that earlier
+    /// requests of the batch add.
     async fn try_create_batch(
         &self,
         requests: &[(&NewCommand, u32)],
@@ -349,33 +350,12 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::CommandType;
-    use crate::store::PoolSettings;
-
-    fn new_command(device: &str, payload: usize) -> NewCommand {
-        NewCommand {
-            device_id: DeviceId::parse(device).unwrap(),
-            owner: "owner".into(),
-            command_type: CommandType::AppService,
-            app_service_name: Some("echo".into()),
-            package_family_name: None,
-            payload: Some(payload.to_string()),
-            permission_ticket: None,
-            postback_uri: None,
-            expires_at: None,
-        }
-    }
+    use crate::store::test_support::{echo_command, sqlite_store};
 
     #[tokio::test]
     async fn batched_creates_keep_device_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("store.db").display()
-        );
-        let store = Store::connect(&url, &PoolSettings::default())
-            .await
-            .unwrap();
+        let store = sqlite_store(&dir).await;
         let options = CreateOptions {
             max_unfinished_per_device: 5,
             idempotency: None,
@@ -385,9 +365,8 @@ mod tests {
         let creates = (0..20).map(|n| {
             let (store, options) = (store.clone(), options.clone());
             let device = if n % 2 == 0 { "even" } else { "odd" };
-            tokio::spawn(
-                async move { store.create_command(new_command(device, n), &options).await },
-            )
+            let new = echo_command(device, Some(&n.to_string()), None);
+            tokio::spawn(async move { store.create_command(new, &options).await })
         });
         let mut stored = Vec::new();
         let mut full = 0;
@@ -409,7 +388,7 @@ mod tests {
                 .count();
             assert_eq!(count, 5, "{device}");
         }
-        // The outbox holds every stored command once, in the order the
+        // The outbox contains every stored command once, in the order the
         // store took them, which per device is the order of their ids.
         let outbox = store.due_outbox(Millis::now(), 100).await.unwrap();
         assert_eq!(outbox.len(), 10);

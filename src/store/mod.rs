@@ -265,7 +265,7 @@ fn command_from_row(row: &AnyRow) -> Result<Command, StoreError> {
 /// (65,535) allow.
 const MAX_ROWS_PER_STATEMENT: usize = 500;
 
-/// A query whose text is built at run time from numbered placeholders only
+/// Builds a query whose text is made at run time from numbered placeholders only
 /// (see [`placeholders`]). It is not kept in the connection's statement
 /// cache: its text changes with the number of rows, and caching every
 /// variant would grow each connection's memory for statements rarely used
@@ -304,6 +304,45 @@ fn placeholders(first: usize, rows: usize, columns: usize) -> String {
 
 fn parse_status(value: &str) -> Result<CommandStatus, StoreError> {
     CommandStatus::from_str(value).map_err(StoreError::Corrupt)
+}
+
+/// Helpers for the store's unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::{PoolSettings, Store};
+    use crate::command::NewCommand;
+    use crate::domain::{CommandType, DeviceId};
+
+    /// Opens a new SQLite store in `dir`.
+    pub async fn sqlite_store(dir: &tempfile::TempDir) -> Store {
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("store.db").display()
+        );
+        Store::connect(&url, &PoolSettings::default())
+            .await
+            .unwrap()
+    }
+
+    /// Builds an `echo` command for `device` with the given `Payload` and
+    /// `PostBackUri`.
+    pub fn echo_command(
+        device: &str,
+        payload: Option<&str>,
+        postback_uri: Option<&str>,
+    ) -> NewCommand {
+        NewCommand {
+            device_id: DeviceId::parse(device).unwrap(),
+            owner: "owner".into(),
+            command_type: CommandType::AppService,
+            app_service_name: Some("echo".into()),
+            package_family_name: None,
+            payload: payload.map(str::to_owned),
+            permission_ticket: None,
+            postback_uri: postback_uri.map(str::to_owned),
+            expires_at: None,
+        }
+    }
 }
 
 #[cfg(test)]

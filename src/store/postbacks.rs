@@ -324,7 +324,7 @@ impl Store {
     }
 }
 
-/// The query of [`Store::due_postbacks`]: `$1` is the time, `$2` the limit,
+/// Builds the query of [`Store::due_postbacks`]: `$1` is the time, `$2` the limit,
 /// and each placeholder after them the pattern of a skipped origin.
 fn due_sql(skipped_origins: usize) -> String {
     // The state is written out, not bound: SQLite uses the partial index
@@ -363,32 +363,20 @@ fn parse_uuid(text: String) -> Result<Uuid, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::NewCommand;
-    use crate::domain::{CommandStatus, CommandType, DeviceId};
-    use crate::store::{PoolSettings, StatusChange};
+    use crate::domain::CommandStatus;
+    use crate::store::StatusChange;
+    use crate::store::test_support::{echo_command, sqlite_store};
 
-    /// A store with one command that completed, so it has one pending
-    /// delivery, and that delivery's id.
+    /// Opens a store with one canceled command, and so one pending
+    /// delivery, and returns the delivery's id with it.
     async fn store_with_delivery(dir: &tempfile::TempDir) -> (Store, Uuid) {
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("store.db").display()
-        );
-        let store = Store::connect(&url, &PoolSettings::default())
-            .await
-            .unwrap();
+        let store = sqlite_store(dir).await;
         let command = store
-            .insert_command(NewCommand {
-                device_id: DeviceId::parse("d1").unwrap(),
-                owner: "owner".into(),
-                command_type: CommandType::AppService,
-                app_service_name: Some("echo".into()),
-                package_family_name: None,
-                payload: Some("{\"n\":1}".into()),
-                permission_ticket: None,
-                postback_uri: Some("http://127.0.0.1:9/hooks".into()),
-                expires_at: None,
-            })
+            .insert_command(echo_command(
+                "d1",
+                Some("{\"n\":1}"),
+                Some("http://127.0.0.1:9/hooks"),
+            ))
             .await
             .unwrap();
         let change = StatusChange {

@@ -49,7 +49,7 @@ pub enum Reply {
     WithHeaders(u16, Vec<(&'static str, String)>),
     /// Never answers.
     Hang,
-    /// Answers with a status after a pause.
+    /// Responds with a status after a pause.
     After(Duration, u16),
 }
 
@@ -145,7 +145,7 @@ impl Receiver {
     }
 
     /// TCP connections accepted, whether or not a request followed.
-    /// The most requests that were in flight at once.
+    /// Returns the maximum number of requests in flight at once.
     pub fn max_in_flight(&self) -> usize {
         self.shared.max_in_flight.load(Ordering::SeqCst)
     }
